@@ -1,0 +1,295 @@
+"""The one place optaxclip computes norms.
+
+Every clipper gets its norms from here: global p-norms of a whole tree, per-leaf
+norms, and unit-wise norms over chosen axes. The rules are the same everywhere:
+
+* Magnitudes are accumulated in at least float32 whatever the leaf dtype, so an
+  fp16 tree ``[300., 1.]`` has norm ~300.0017 rather than ``inf``.
+* The fast path is a single read of each leaf: a sum of p-th powers. When that
+  sum overflowed or underflowed (``1e20 ** 2`` is ``inf`` in float32), a
+  ``lax.cond`` recomputes it scaled by the largest magnitude. That second pass
+  only runs on such input, so ordinary steps pay for one read. Orders 1 and
+  ``inf`` cannot overflow before the true norm does and never take it.
+* Complex entries count by their modulus. ``None`` and ``optax.MaskedNode``
+  leaves are skipped, and so are integer, boolean and ``float0`` leaves: they
+  carry no gradient signal.
+* The derivative is finite at zero: every square root, power and division is
+  guarded so that ``jax.grad`` through a clipper at zero gradients is finite.
+* With ``axis_name``, the p-th power sums (or maxima, for ``inf``) are reduced
+  across shards, so the norm covers the whole sharded tree.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+AxisName = Union[str, tuple[str, ...], None]
+
+__all__ = ["global_norm", "leaf_norms", "unit_norms", "validate_ord", "is_float_leaf"]
+
+
+def validate_ord(ord: Any, *, name: str = "ord") -> float:
+    """Returns ``ord`` as a float (``None`` means 2), or raises ``ValueError``.
+
+    The order picks the code path, so it must be static. ``None`` is the default
+    rather than 2 so that ``optax.inject_hyperparams``, which injects every numeric
+    default as a traced array, leaves it alone.
+    """
+    if ord is None:
+        return 2.0
+    if isinstance(ord, jax.core.Tracer):
+        raise ValueError(
+            f"{name} must be a static Python number, but it was traced. With "
+            f"optax.inject_hyperparams, pass static_args=('{name}',)."
+        )
+    if hasattr(ord, "shape") and np.shape(ord) == ():
+        ord = np.asarray(ord).item()
+    if isinstance(ord, bool) or not isinstance(ord, numbers.Real):
+        raise ValueError(
+            f"{name} must be a number: 1, 2, inf or any float p > 0; got {ord!r} "
+            f"of type {type(ord).__name__}. Pass e.g. {name}=2 for the Euclidean norm."
+        )
+    p = float(ord)
+    if math.isnan(p) or p <= 0:
+        raise ValueError(
+            f"{name} must be 1, 2, inf or any float p > 0; got {ord!r}. "
+            f"Use {name}=2 for the Euclidean norm or {name}=float('inf') for the max norm."
+        )
+    return p
+
+
+def validate_axis_name(axis_name: Any) -> AxisName:
+    """Checks that ``axis_name`` is None, a string, or a tuple of strings."""
+    if axis_name is None or isinstance(axis_name, str):
+        return axis_name
+    if isinstance(axis_name, (tuple, list)) and all(isinstance(a, str) for a in axis_name):
+        return tuple(axis_name)
+    raise ValueError(
+        f"axis_name must be None, a mesh axis name (str) or a tuple of names; got "
+        f"{axis_name!r}. Pass the name used in shard_map/pmap, e.g. axis_name='data'."
+    )
+
+
+def is_float_leaf(x: Any) -> bool:
+    """True for leaves that carry a gradient: real or complex floating point."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return isinstance(x, (float, complex))
+    return jnp.issubdtype(dtype, jnp.inexact)
+
+
+def accumulation_dtype(dtype: Any) -> Any:
+    """The real dtype magnitudes of ``dtype`` are accumulated in: at least float32."""
+    real = jnp.finfo(dtype).dtype  # complex64 -> float32, bfloat16 -> bfloat16
+    return jnp.promote_types(real, jnp.float32)
+
+
+def _float_leaves(tree: Any) -> list[Array]:
+    # None and optax.MaskedNode are empty pytrees, so tree.leaves already drops them.
+    return [jnp.asarray(x) for x in jax.tree.leaves(tree) if is_float_leaf(x)]
+
+
+def _widest(leaves: Sequence[Array]) -> Any:
+    dtype = jnp.float32
+    for x in leaves:
+        dtype = jnp.promote_types(dtype, accumulation_dtype(x.dtype))
+    return dtype
+
+
+def _safe_pow(magnitude: Array, power: float) -> Array:
+    """``magnitude ** power`` with a finite derivative at zero."""
+    positive = magnitude > 0
+    return jnp.where(positive, jnp.where(positive, magnitude, 1) ** power, 0)
+
+
+def _magnitude(x: Array, acc: Any) -> Array:
+    """``|x|`` in ``acc`` with a finite derivative at zero, for real and complex ``x``."""
+    if jnp.iscomplexobj(x):
+        nonzero = x != 0
+        # jnp.abs on complex is hypot-based (no overflow of re**2 + im**2), but its
+        # derivative at 0 is NaN; the double where keeps it finite.
+        return jnp.where(nonzero, jnp.abs(jnp.where(nonzero, x, 1)), 0).astype(acc)
+    return jnp.abs(x.astype(acc))
+
+
+def _power_sum(x: Array, p: float, axes: Any = None) -> Array:
+    """Sum of ``|x| ** p`` (max of ``|x|`` for ``p = inf``) over ``axes``, in acc dtype."""
+    acc = accumulation_dtype(x.dtype)
+    if p == 2 and not jnp.iscomplexobj(x):
+        xa = x.astype(acc)
+        return jnp.sum(xa * xa, axis=axes)
+    if p == 2:
+        re, im = jnp.real(x).astype(acc), jnp.imag(x).astype(acc)
+        return jnp.sum(re * re + im * im, axis=axes)
+    magnitude = _magnitude(x, acc)
+    if p == math.inf:
+        return jnp.max(magnitude, axis=axes, initial=0)
+    if p == 1:
+        return jnp.sum(magnitude, axis=axes)
+    return jnp.sum(_safe_pow(magnitude, p), axis=axes)
+
+
+def _max_magnitude(x: Array, axes: Any = None) -> Array:
+    return jnp.max(_magnitude(x, accumulation_dtype(x.dtype)), axis=axes, initial=0)
+
+
+def _root(power_sum: Array, p: float) -> Array:
+    """``power_sum ** (1/p)`` with a finite derivative at zero."""
+    if p in (1, math.inf):
+        return power_sum
+    if p == 2:
+        positive = power_sum > 0
+        return jnp.where(positive, jnp.sqrt(jnp.where(positive, power_sum, 1)), 0)
+    return _safe_pow(power_sum, 1.0 / p)
+
+
+def _trusted(power_sum: Array) -> Array:
+    """Whether a power sum is free of overflow and of underflow-level precision loss.
+
+    Below ``sqrt(tiny)`` the terms that flushed to denormals or zero could matter;
+    at ``inf`` some term overflowed. NaN is untrusted too, and the rescaled path
+    then reports NaN.
+    """
+    finfo = jnp.finfo(power_sum.dtype)
+    return (power_sum >= math.sqrt(float(finfo.tiny))) & (power_sum < math.inf)
+
+
+def _scaled_norm(max_magnitude: Array, scaled_power_sum: Array, p: float) -> Array:
+    """Combines ``M * (sum (|x|/M)^p)^(1/p)``; NaN stays NaN, inf stays inf, 0 stays 0."""
+    finite_positive = (max_magnitude > 0) & (max_magnitude < math.inf)
+    return jnp.where(
+        finite_positive, max_magnitude * _root(scaled_power_sum, p), max_magnitude
+    )
+
+
+def _safe_divisor(max_magnitude: Array) -> Array:
+    usable = (max_magnitude > 0) & (max_magnitude < math.inf)
+    return jnp.where(usable, max_magnitude, 1)
+
+
+def _psum(x: Any, axis_name: AxisName) -> Any:
+    return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def _pmax(x: Any, axis_name: AxisName) -> Any:
+    return x if axis_name is None else lax.pmax(x, axis_name)
+
+
+def global_norm(tree: Any, ord: float | None = 2, *, axis_name: AxisName = None) -> Array:
+    """The p-norm of all floating-point entries of ``tree``, taken together.
+
+    ``||tree||_p = (sum_leaves sum_i |x_i|^p) ** (1/p)``, or ``max_i |x_i|`` for
+    ``ord=inf``. This is ``torch.nn.utils.get_total_norm`` and ``optax.global_norm``
+    generalised to any order, made overflow-safe and sharding-aware.
+
+    Args:
+      tree: a pytree of arrays. ``None``, ``optax.MaskedNode`` and non-float
+        (integer, bool, ``float0``) leaves are skipped. Complex leaves count by
+        their modulus.
+      ord: 1, 2, ``inf``, or any float p > 0.
+      axis_name: under ``shard_map``/``pmap``, a mesh axis name or a tuple of
+        names; the norm then covers the whole tree across shards.
+
+    Returns:
+      A float32 scalar (float64 if a leaf is float64 under ``jax_enable_x64``).
+      The empty tree has norm 0; any NaN entry gives NaN; otherwise any inf entry
+      gives inf.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> float(oc.global_norm({"w": jnp.array([3.0, 4.0]), "b": None}))
+      5.0
+      >>> float(oc.global_norm([jnp.array([300.0, 1.0], jnp.float16)]))
+      300.0016...
+      >>> float(oc.global_norm([jnp.array([1e20, 1.0])]))
+      1e+20
+    """
+    p = validate_ord(ord)
+    axis_name = validate_axis_name(axis_name)
+    return _global_norm(_float_leaves(tree), p, axis_name)
+
+
+def _global_norm(leaves: Sequence[Array], p: float, axis_name: AxisName) -> Array:
+    acc = _widest(leaves)
+    if not leaves:
+        return jnp.zeros([], acc)
+    sums = jnp.stack([_power_sum(x, p).astype(acc) for x in leaves])
+    if p == math.inf:
+        return _pmax(jnp.max(sums), axis_name)
+    total = _psum(jnp.sum(sums), axis_name)
+    if p == 1:
+        return total
+
+    def rescaled() -> Array:
+        largest = _pmax(
+            jnp.max(jnp.stack([_max_magnitude(x).astype(acc) for x in leaves])), axis_name
+        )
+        divisor = _safe_divisor(largest)
+        scaled = sum(_power_sum(x.astype(acc) / divisor, p) for x in leaves)
+        return _scaled_norm(largest, _psum(scaled, axis_name), p)
+
+    return lax.cond(_trusted(total), lambda: _root(total, p), rescaled)
+
+
+def unit_norms(
+    xs: Sequence[Array], ord: float = 2, *, axes: Sequence[Any] | None = None,
+    axis_name: AxisName = None,
+) -> list[Array]:
+    """Norms of each array in ``xs`` over its ``axes`` (all axes when None).
+
+    Per-leaf norms are ``axes=None``; unit-wise norms (AGC) reduce over the input
+    axes of a kernel and keep the output axis. All arrays share one overflow check,
+    so the fast path stays a single read of each array.
+    """
+    p = validate_ord(ord)
+    axis_name = validate_axis_name(axis_name)
+    xs = [jnp.asarray(x) for x in xs]
+    if axes is None:
+        axes = [None] * len(xs)
+    if len(axes) != len(xs):
+        raise ValueError(f"axes has {len(axes)} entries but there are {len(xs)} arrays.")
+    if not xs:
+        return []
+    sums = _psum([_power_sum(x, p, a) for x, a in zip(xs, axes)], axis_name)
+    if p == math.inf:
+        return _pmax(sums, axis_name)
+    if p == 1:
+        return sums
+    all_trusted = jnp.all(jnp.stack([jnp.all(_trusted(s)) for s in sums]))
+
+    def rescaled() -> list[Array]:
+        largest = _pmax([_max_magnitude(x, a) for x, a in zip(xs, axes)], axis_name)
+        scaled = []
+        for x, a, m in zip(xs, axes, largest):
+            divisor = _safe_divisor(m)
+            if a is not None:
+                divisor = jnp.expand_dims(divisor, a)
+            acc = accumulation_dtype(x.dtype)
+            scaled.append(_power_sum(x.astype(acc) / divisor, p, a))
+        scaled = _psum(scaled, axis_name)
+        return [_scaled_norm(m, s, p) for m, s in zip(largest, scaled)]
+
+    return lax.cond(all_trusted, lambda: [_root(s, p) for s in sums], rescaled)
+
+
+def leaf_norms(tree: Any, ord: float = 2, *, axis_name: AxisName = None) -> Any:
+    """The p-norm of each leaf, as a tree of float32 scalars shaped like ``tree``.
+
+    Non-float leaves get norm 0; ``None`` and ``optax.MaskedNode`` stay as they are.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    float_positions = [i for i, x in enumerate(leaves) if is_float_leaf(x)]
+    norms = unit_norms([leaves[i] for i in float_positions], ord, axis_name=axis_name)
+    out = [jnp.zeros([], jnp.float32) for _ in leaves]
+    for i, norm in zip(float_positions, norms):
+        out[i] = norm.astype(jnp.float32)
+    return jax.tree.unflatten(treedef, out)

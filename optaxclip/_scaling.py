@@ -1,0 +1,137 @@
+"""Thresholds, and turning ``(norm, threshold)`` into a safe scale factor.
+
+A threshold is a Python number, a jax/numpy array of any float dtype (also a
+tracer, as ``optax.inject_hyperparams`` passes it), or an optax schedule: a
+callable of the clipper's own step count.
+
+* Static values are validated at construction: negative, NaN or non-scalar
+  values raise ``ValueError`` naming the argument.
+* Traced values cannot be checked there. A negative traced threshold is clamped
+  to 0 (the output is zeros); a NaN traced threshold makes the output NaN, so a
+  broken schedule is loud rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optaxclip._norms import accumulation_dtype, is_float_leaf
+
+Array = jax.Array
+Threshold = Union[float, Array, Callable[[Array], Any]]
+
+
+def _is_tracer(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def validate_threshold(value: Any, name: str) -> None:
+    """Raises ``ValueError`` naming ``name`` for a static threshold that is invalid."""
+    if callable(value) and not hasattr(value, "dtype"):
+        return  # a schedule: its values are traced and clamped at update time
+    if _is_tracer(value):
+        return
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a non-negative number, not a bool ({value!r}).")
+    if isinstance(value, numbers.Real):
+        number = float(value)
+    elif hasattr(value, "dtype") and hasattr(value, "shape"):
+        if np.shape(value) != ():
+            raise ValueError(
+                f"{name} must be a scalar; got an array of shape {np.shape(value)}. "
+                f"Pass one threshold, e.g. {name}=1.0."
+            )
+        if not jnp.issubdtype(value.dtype, jnp.floating) and not jnp.issubdtype(
+            value.dtype, jnp.integer
+        ):
+            raise ValueError(f"{name} must be a real number; got dtype {value.dtype}.")
+        number = float(np.asarray(value, dtype=np.float64))
+    else:
+        raise ValueError(
+            f"{name} must be a non-negative float, a scalar array or a schedule "
+            f"(a callable of the step count); got {value!r} of type {type(value).__name__}."
+        )
+    if math.isnan(number) or number < 0:
+        raise ValueError(
+            f"{name} must be >= 0 (0 zeroes the gradients, inf disables clipping); "
+            f"got {number!r}."
+        )
+
+
+def validate_eps(eps: Any, name: str = "eps") -> Any:
+    """A concrete ``eps`` must be finite and >= 0; a traced one is used as given."""
+    if _is_tracer(eps):
+        return eps
+    if hasattr(eps, "shape") and np.shape(eps) == ():
+        eps = np.asarray(eps).item()
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise ValueError(f"{name} must be a non-negative float; got {eps!r}.")
+    if not math.isfinite(float(eps)) or eps < 0:
+        raise ValueError(f"{name} must be finite and >= 0; got {eps!r}. Use {name}=0.0.")
+    return float(eps)
+
+
+def threshold_at(value: Threshold, count: Array) -> Array:
+    """The threshold for step ``count`` as a float32 (or wider) scalar, clamped at 0."""
+    if callable(value) and not hasattr(value, "dtype"):
+        value = value(count)
+    threshold = jnp.asarray(value)
+    dtype = jnp.promote_types(
+        threshold.dtype if jnp.issubdtype(threshold.dtype, jnp.floating) else jnp.float32,
+        jnp.float32,
+    )
+    threshold = threshold.astype(dtype)
+    if threshold.shape != ():
+        raise ValueError(
+            f"a threshold must be a scalar; the schedule or hyperparameter gave shape "
+            f"{threshold.shape}."
+        )
+    return jnp.maximum(threshold, 0)
+
+
+def scale_factor(norm: Array, threshold: Array, eps: Any = 0.0) -> tuple[Array, Array]:
+    """Returns ``(scale, clipped)`` with ``scale = min(1, threshold / (norm + eps))``.
+
+    * at or below the threshold the scale is exactly 1 (with ``eps > 0``, as in
+      torch, exactly when ``norm + eps <= threshold``);
+    * threshold ``inf`` always gives 1, whatever the norm;
+    * a non-finite norm (with a finite threshold) gives NaN: the caller's output
+      then signals the error in every entry, instead of zeroing finite entries
+      (which is what ``threshold / inf = 0`` would silently do);
+    * the derivative is finite everywhere the norm is finite, zero included.
+    """
+    threshold = threshold.astype(jnp.promote_types(threshold.dtype, norm.dtype))
+    norm = norm.astype(threshold.dtype)
+    over = norm + eps > threshold
+    safe_denominator = jnp.where(over, norm + eps, 1)
+    scale = jnp.where(over, threshold / safe_denominator, 1)
+    scale = jnp.where(jnp.isfinite(norm), scale, jnp.nan)
+    scale = jnp.where(threshold == math.inf, 1, scale)
+    return scale, scale < 1
+
+
+def apply_scale(update: Any, scale: Array) -> Any:
+    """Multiplies one leaf by ``scale``, in at least float32, back in its own dtype.
+
+    Entries come back bit-identical where ``scale == 1``; non-float leaves pass
+    through untouched. For dtypes narrower than float32 the product is rounded
+    toward zero, so no entry grows past ``|g * scale|`` and the clip bound holds
+    exactly, not just up to bf16/fp16 rounding.
+    """
+    if update is None or not is_float_leaf(update):
+        return update
+    update = jnp.asarray(update)
+    compute = jnp.promote_types(update.dtype, accumulation_dtype(update.dtype))
+    product = update.astype(compute) * scale.astype(accumulation_dtype(compute))
+    scaled = product.astype(update.dtype)
+    if compute != update.dtype and not jnp.iscomplexobj(update):
+        grew = jnp.abs(scaled.astype(compute)) > jnp.abs(product)
+        scaled = jnp.where(grew, jnp.nextafter(scaled, jnp.zeros_like(scaled)), scaled)
+    return jnp.where(scale == 1, update, scaled)

@@ -1,0 +1,424 @@
+"""Fixed-threshold clippers: by value, per-leaf norm, global norm, and block RMS.
+
+The threshold is a Python number, a scalar array (also through
+``optax.inject_hyperparams``), or an optax schedule of the clipper's own step
+count. Each clipper chains *ahead of* the optimizer,
+``optax.chain(clip, optax.adam(...))``, so moment accumulators only see clipped
+gradients (Keras ``clipnorm`` order).
+
+Shared contracts, tested for every clipper:
+
+* **Bound**: for finite input, ``norm(output) <= threshold * (1 + 1e-6)`` in the
+  clipper's own norm. Low-precision leaves are scaled in float32 and rounded
+  back toward zero, so bf16/fp16 outputs keep the bound too.
+* **Identity below the threshold**: input at or under the threshold comes back
+  bit-identical.
+* **Direction**: norm clipping only rescales; it never changes direction or sign.
+* **Structure and dtype**: same tree, shapes and dtypes out as in. ``None`` and
+  ``optax.MaskedNode`` leaves pass through. Integer, bool and ``float0`` leaves
+  pass through untouched and do not count towards any norm.
+* **Non-finite input**: a NaN or inf norm makes every entry in the clipper's
+  scope NaN (the whole tree for global clipping, the leaf for per-leaf
+  clipping), and the stats record the non-finite norm and a NaN scale. Finite
+  entries are never silently zeroed. This matches ``tf.clip_by_global_norm`` and
+  Keras ``global_clipnorm``. Wrap the optimizer in a guard such as
+  ``optax.apply_if_finite`` or run under ``optaxclip.checked`` to stop such a
+  step. A threshold of ``inf`` is the identity even then.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaxclip import _norms, _scaling, _state
+from optaxclip._norms import AxisName, is_float_leaf
+from optaxclip._scaling import Threshold
+from optaxclip._state import ClipStats
+
+Array = jax.Array
+
+__all__ = [
+    "ClipByValueState",
+    "ClipByNormState",
+    "ClipByGlobalNormState",
+    "ClipByBlockRmsState",
+    "clip_by_value",
+    "clip_by_norm",
+    "clip_by_global_norm",
+    "clip_by_block_rms",
+]
+
+
+class ClipByValueState(NamedTuple):
+    """State of ``clip_by_value``: step count and the last update's stats."""
+
+    count: Array
+    stats: ClipStats
+
+
+class ClipByNormState(NamedTuple):
+    """State of ``clip_by_norm``: step count and per-leaf stats of the last update."""
+
+    count: Array
+    stats: ClipStats
+
+
+class ClipByGlobalNormState(NamedTuple):
+    """State of ``clip_by_global_norm``: step count and the last update's stats."""
+
+    count: Array
+    stats: ClipStats
+
+
+class ClipByBlockRmsState(NamedTuple):
+    """State of ``clip_by_block_rms``: step count and per-leaf stats of the last update."""
+
+    count: Array
+    stats: ClipStats
+
+
+_state.register_state(ClipByValueState, "clip_by_value")
+_state.register_state(ClipByNormState, "clip_by_norm")
+_state.register_state(ClipByGlobalNormState, "clip_by_global_norm")
+_state.register_state(ClipByBlockRmsState, "clip_by_block_rms")
+
+# (updates, threshold) -> (clipped updates, stats)
+ClipFn = Callable[[Any, Array], tuple[Any, ClipStats]]
+
+
+def _per_leaf_shape(tree: Any) -> Any:
+    """One scalar placeholder per leaf, for building per-leaf stats of the right shape."""
+    return jax.tree.map(lambda _: jnp.zeros([], jnp.float32), tree)
+
+
+def _transformation(
+    state_cls: type, threshold: Threshold, stats_shape: Callable[[Any], Any], clip: ClipFn
+) -> optax.GradientTransformationExtraArgs:
+    """The shared init/update plumbing: step count, threshold lookup, stats."""
+
+    def init_fn(params: Any) -> NamedTuple:
+        count = jnp.zeros([], jnp.int32)
+        return state_cls(
+            count=count,
+            stats=_state.initial_stats(
+                stats_shape(params), _scaling.threshold_at(threshold, count)
+            ),
+        )
+
+    def update_fn(updates: Any, state: NamedTuple, params: Any = None, **extra_args: Any):
+        del params, extra_args
+        current = _scaling.threshold_at(threshold, state.count)
+        clipped_updates, stats = clip(updates, current)
+        return clipped_updates, state_cls(count=optax.safe_increment(state.count), stats=stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs:
+    """Clips every entry to ``[-max_delta, max_delta]``.
+
+    ``out_i = clip(g_i, -max_delta, max_delta)``, element-wise, in each leaf's dtype.
+
+    Equivalents: Keras ``clipvalue``, ``torch.nn.utils.clip_grad_value_``,
+    ``tf.clip_by_value(g, -t, t)``, ``optax.clip``.
+
+    Formal guarantees:
+      * ``max|out| <= max_delta`` exactly: the threshold is rounded *down* to the
+        leaf's dtype before clipping, so bf16 output never exceeds it.
+      * entries with ``|g_i| <= max_delta`` are returned bit-identical; signs are kept.
+      * same structure, shapes and dtypes; non-float leaves pass through.
+      * stats: ``norm`` is the pre-clip max-norm ``max|g_i|`` (NaN if any entry is
+        NaN), ``scale = min(1, max_delta / norm)``, ``clipped`` whether any entry
+        was clipped.
+
+    Edge cases:
+
+      ==========================  ============================================
+      input                       output
+      ==========================  ============================================
+      zero gradients              zeros; finite ``jax.grad``
+      ``max_delta = 0``           zeros
+      ``max_delta = inf``         identity
+      ``+inf`` / ``-inf`` entry   ``+max_delta`` / ``-max_delta`` (as torch)
+      NaN entry                   stays NaN; other entries clipped as usual;
+                                  ``norm`` stat is NaN
+      negative static threshold   ``ValueError`` at construction
+      negative traced threshold   clamped to 0
+      bf16 / fp16 leaves          clipped in their own dtype, bound exact
+      ==========================  ============================================
+
+    Args:
+      max_delta: the largest magnitude allowed: a float, a scalar array, or a
+        schedule of the step count.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> tx = oc.clip_by_value(1.0)
+      >>> out, _ = tx.update({"w": jnp.array([-3.0, 0.5, 2.0])}, tx.init(None))
+      >>> out["w"].tolist()
+      [-1.0, 0.5, 1.0]
+
+    References:
+      Mikolov, "Statistical Language Models Based on Neural Networks", PhD thesis, 2012.
+    """
+    _scaling.validate_threshold(max_delta, "max_delta")
+
+    def clip(updates: Any, threshold: Array) -> tuple[Any, ClipStats]:
+        def clip_leaf(g: Any) -> Any:
+            if not is_float_leaf(g):
+                return g
+            g = jnp.asarray(g)
+            limit = _round_down(threshold, g.dtype)
+            if jnp.iscomplexobj(g):
+                # Complex entries are clipped by modulus, keeping their phase.
+                return _scaling.apply_scale(g, _complex_value_scale(g, threshold))
+            return jnp.clip(g, -limit, limit)
+
+        pre_clip_max = _norms.global_norm(updates, math.inf)
+        # Value clipping maps inf entries to the limit, so only NaN leaves the
+        # scale (the largest entry's shrink factor) undefined.
+        clipped = pre_clip_max > threshold
+        scale = jnp.where(clipped, threshold / jnp.where(clipped, pre_clip_max, 1), 1)
+        scale = jnp.where(jnp.isnan(pre_clip_max), jnp.nan, scale)
+        stats = _state.make_stats(pre_clip_max, threshold, scale, clipped)
+        return jax.tree.map(clip_leaf, updates), stats
+
+    return _transformation(ClipByValueState, max_delta, lambda _: jnp.zeros([]), clip)
+
+
+def _round_down(threshold: Array, dtype: Any) -> Array:
+    """The largest value of ``dtype`` that is <= ``threshold``."""
+    real = jnp.finfo(dtype).dtype
+    rounded = threshold.astype(real)
+    too_big = rounded.astype(threshold.dtype) > threshold
+    return jnp.where(too_big, jnp.nextafter(rounded, jnp.zeros_like(rounded)), rounded)
+
+
+def _complex_value_scale(g: Array, threshold: Array) -> Array:
+    modulus = _norms._magnitude(g, _norms.accumulation_dtype(g.dtype))
+    over = modulus > threshold
+    return jnp.where(over, threshold / jnp.where(over, modulus, 1), 1)
+
+
+def clip_by_norm(
+    max_norm: Threshold, *, ord: float | None = None, axis_name: AxisName = None
+) -> optax.GradientTransformationExtraArgs:
+    """Clips each leaf separately so its p-norm is at most ``max_norm``.
+
+    ``out_leaf = g_leaf * min(1, max_norm / ||g_leaf||_p)`` for every leaf.
+
+    Equivalents: Keras ``clipnorm`` (per variable), ``tf.clip_by_norm`` applied
+    to each gradient. There is no direct PyTorch or optax transform: optax's
+    ``clip_by_block_rms`` clips per-leaf RMS, not per-leaf norm.
+
+    Formal guarantees:
+      * for finite input, ``||out_leaf||_p <= max_norm * (1 + 1e-6)`` for every
+        leaf;
+      * a leaf at or under ``max_norm`` comes back bit-identical;
+      * a leaf over it is only rescaled, never rotated or sign-flipped;
+      * norms accumulate in float32 or wider, overflow-safe (``1e20`` entries,
+        fp16 ``[300, 1]``);
+      * stats hold one norm, scale and clipped flag per leaf.
+
+    Edge cases:
+
+      =========================  ==============================================
+      input                      output
+      =========================  ==============================================
+      zero leaf                  zeros; finite ``jax.grad``
+      norm exactly ``max_norm``  the leaf, untouched
+      ``max_norm = 0``           zeros
+      ``max_norm = inf``         identity
+      NaN / inf in a leaf        that leaf becomes all NaN, other leaves are
+                                 clipped normally; its ``norm`` stat is NaN/inf
+      negative static value      ``ValueError`` at construction
+      negative traced value      clamped to 0
+      integer / ``float0`` leaf  passed through
+      =========================  ==============================================
+
+    Args:
+      max_norm: the largest p-norm allowed per leaf: a float, a scalar array, or
+        a schedule of the step count.
+      ord: 1, 2, ``inf``, or any float p > 0. ``None`` (the default) means 2; it
+        keeps ``optax.inject_hyperparams`` from injecting the order as an array.
+      axis_name: under ``shard_map``/``pmap``, the axis (or axes) the leaves are
+        sharded over, so each leaf's norm covers all its shards.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> tx = oc.clip_by_norm(1.0)
+      >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.6, 0.0])}
+      >>> out, _ = tx.update(grads, tx.init(grads))
+      >>> out["a"].tolist(), out["b"].tolist()
+      ([0.6000000238418579, 0.800000011920929], [0.6000000238418579, 0.0])
+
+    References:
+      Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
+      neural networks", ICML 2013.
+    """
+    _scaling.validate_threshold(max_norm, "max_norm")
+    p = _norms.validate_ord(ord)
+    axis_name = _norms.validate_axis_name(axis_name)
+
+    def clip(updates: Any, threshold: Array) -> tuple[Any, ClipStats]:
+        norms = _norms.leaf_norms(updates, p, axis_name=axis_name)
+        return _scale_each_leaf(updates, norms, threshold)
+
+    return _transformation(ClipByNormState, max_norm, _per_leaf_shape, clip)
+
+
+def _scale_each_leaf(
+    updates: Any, norms: Any, threshold: Array, divisor: Any = None
+) -> tuple[Any, ClipStats]:
+    """Scales each leaf by its own factor; ``divisor`` turns a norm into an RMS."""
+    if divisor is not None:
+        norms = jax.tree.map(lambda n, d: n / d, norms, divisor)
+    scales = jax.tree.map(lambda n: _scaling.scale_factor(n, threshold)[0], norms)
+    clipped = jax.tree.map(lambda scale: scale < 1, scales)
+    out = jax.tree.map(_scaling.apply_scale, updates, scales)
+    return out, _state.make_stats(norms, threshold, scales, clipped)
+
+
+def clip_by_global_norm(
+    max_norm: Threshold,
+    *,
+    ord: float | None = None,
+    eps: float = 0.0,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Rescales all gradients together so their global p-norm is at most ``max_norm``.
+
+    ``out = g * min(1, max_norm / (||g||_p + eps))`` with ``||g||_p`` taken over
+    every entry of every leaf.
+
+    Equivalents: Keras ``global_clipnorm``, ``torch.nn.utils.clip_grad_norm_``
+    (``norm_type=ord``; pass ``eps=1e-6`` for torch's exact coefficient),
+    ``tf.clip_by_global_norm``, ``optax.clip_by_global_norm`` (L2 only, and not
+    global across ``shard_map`` shards).
+
+    Formal guarantees:
+      * for finite input, ``||out||_p <= max_norm * (1 + 1e-6)``;
+      * with ``eps = 0``, input at or under ``max_norm`` comes back bit-identical;
+        bf16/fp16 leaves are rounded toward zero after scaling, so the bound
+        holds for them too;
+        with ``eps > 0`` that holds when ``norm + eps <= max_norm``, as in torch;
+      * clipping only rescales: direction and signs are kept;
+      * one float32 (or wider) overflow-safe norm for the whole tree, read once;
+      * with ``axis_name``, the norm is global across ``shard_map``/``pmap``
+        shards: clipped gradients have global norm ``max_norm``, not
+        ``max_norm * sqrt(shards)``;
+      * stats: pre-clip norm, threshold, scale and clipped flag, no extra pass.
+
+    Edge cases:
+
+      =========================  ==============================================
+      input                      output
+      =========================  ==============================================
+      zero gradients             zeros; finite ``jax.grad``
+      norm exactly ``max_norm``  untouched (``eps = 0``)
+      ``max_norm = 0``           zeros
+      ``max_norm = inf``         identity, also for non-finite gradients
+      NaN / inf anywhere         every entry NaN; ``norm`` stat NaN / inf,
+                                 ``scale`` NaN (torch zeroes finite entries
+                                 on inf; optaxclip never does)
+      negative static value      ``ValueError`` at construction
+      negative traced value      clamped to 0
+      bf16 grads, f32 threshold  works (``optax`` raises ``TypeError``)
+      integer / ``float0`` leaf  passed through, not counted
+      =========================  ==============================================
+
+    Args:
+      max_norm: the largest global p-norm allowed: a float, a scalar array of any
+        float dtype, or a schedule of the step count.
+      ord: 1, 2, ``inf``, or any float p > 0. ``None`` (the default) means 2; it
+        keeps ``optax.inject_hyperparams`` from injecting the order as an array.
+      eps: added to the norm in the denominator, as torch's ``1e-6``.
+      axis_name: under ``shard_map``/``pmap``, the axis name (or tuple of names)
+        the gradients are sharded over.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optaxclip as oc
+      >>> tx = optax.chain(oc.clip_by_global_norm(1.0), optax.sgd(1.0))
+      >>> grads = {"w": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}
+      >>> updates, state = tx.update(grads, tx.init(grads))
+      >>> float(oc.global_norm(updates)), float(oc.stats(state)["clip_by_global_norm/norm"])
+      (1.0, 5.0)
+
+    References:
+      Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
+      neural networks", ICML 2013.
+    """
+    _scaling.validate_threshold(max_norm, "max_norm")
+    p = _norms.validate_ord(ord)
+    eps = _scaling.validate_eps(eps)
+    axis_name = _norms.validate_axis_name(axis_name)
+
+    def clip(updates: Any, threshold: Array) -> tuple[Any, ClipStats]:
+        norm = _norms.global_norm(updates, p, axis_name=axis_name)
+        scale, clipped = _scaling.scale_factor(norm, threshold, eps)
+        out = jax.tree.map(lambda g: _scaling.apply_scale(g, scale), updates)
+        return out, _state.make_stats(norm, threshold, scale, clipped)
+
+    return _transformation(ClipByGlobalNormState, max_norm, lambda _: jnp.zeros([]), clip)
+
+
+def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformationExtraArgs:
+    """Clips each leaf so its root-mean-square is at most ``threshold``.
+
+    ``rms = ||g_leaf||_2 / sqrt(size)``; ``out_leaf = g_leaf * min(1, threshold / rms)``.
+
+    Equivalents: ``optax.clip_by_block_rms``; the per-block update clipping of
+    Adafactor (Shazeer and Stern, 2018). No Keras or PyTorch built-in.
+
+    Formal guarantees:
+      * for finite input, ``rms(out_leaf) <= threshold * (1 + 1e-6)`` per leaf;
+      * a leaf at or under the threshold comes back bit-identical;
+      * rescaling only; structure and dtypes kept; norms overflow-safe;
+      * stats hold each leaf's pre-clip RMS, scale and clipped flag.
+
+    Edge cases:
+
+      ===========================  ============================================
+      input                        output
+      ===========================  ============================================
+      zero leaf / empty leaf       unchanged; finite ``jax.grad``
+      RMS exactly ``threshold``    the leaf, untouched
+      ``threshold = 0``            zeros
+      ``threshold = inf``          identity
+      NaN / inf in a leaf          that leaf all NaN; its stat NaN / inf
+      negative static threshold    ``ValueError`` at construction
+      integer / ``float0`` leaf    passed through
+      ===========================  ============================================
+
+    Args:
+      threshold: the largest RMS allowed per leaf: a float, a scalar array, or a
+        schedule of the step count.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> tx = oc.clip_by_block_rms(1.0)
+      >>> grads = [jnp.array([4.0, 0.0, 0.0, 0.0])]
+      >>> out, _ = tx.update(grads, tx.init(grads))
+      >>> out[0].tolist()  # RMS was 2.0
+      [2.0, 0.0, 0.0, 0.0]
+
+    References:
+      Shazeer and Stern, "Adafactor: Adaptive Learning Rates with Sublinear
+      Memory Cost", ICML 2018.
+    """
+    _scaling.validate_threshold(threshold, "threshold")
+
+    def clip(updates: Any, limit: Array) -> tuple[Any, ClipStats]:
+        norms = _norms.leaf_norms(updates, 2)
+        root_sizes = jax.tree.map(
+            lambda g: jnp.sqrt(jnp.float32(max(jnp.size(g), 1))), updates
+        )
+        return _scale_each_leaf(updates, norms, limit, divisor=root_sizes)
+
+    return _transformation(ClipByBlockRmsState, threshold, _per_leaf_shape, clip)
