@@ -8,6 +8,16 @@ gradients::
 
 from optaxclip._norms import global_norm
 from optaxclip._state import ClipStats, stats
+from optaxclip.adaptive import (
+    AdaGCState,
+    AdaptiveGradClipState,
+    AutoClipState,
+    ZClipState,
+    adagc,
+    adaptive_grad_clip,
+    autoclip,
+    zclip,
+)
 from optaxclip.fixed import (
     ClipByBlockRmsState,
     ClipByGlobalNormState,
@@ -18,6 +28,15 @@ from optaxclip.fixed import (
     clip_by_norm,
     clip_by_value,
 )
+from optaxclip.guards import SkipNonfiniteState, SkipOnSpikeState, skip_nonfinite, skip_on_spike
+from optaxclip.invariants import (
+    OrderingError,
+    Stage,
+    assert_moments_bounded,
+    check_order,
+    checked,
+)
+from optaxclip.presets import clipped
 
 __version__ = "0.1.0"
 
@@ -33,4 +52,22 @@ __all__ = [
     "clip_by_value",
     "global_norm",
     "stats",
+    "AdaGCState",
+    "AdaptiveGradClipState",
+    "AutoClipState",
+    "ZClipState",
+    "adagc",
+    "adaptive_grad_clip",
+    "autoclip",
+    "zclip",
+    "SkipNonfiniteState",
+    "SkipOnSpikeState",
+    "skip_nonfinite",
+    "skip_on_spike",
+    "OrderingError",
+    "Stage",
+    "assert_moments_bounded",
+    "check_order",
+    "checked",
+    "clipped",
 ]

@@ -21,9 +21,10 @@ norms, and unit-wise norms over chosen axes. The rules are the same everywhere:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import jax
@@ -106,9 +107,9 @@ def _widest(leaves: Sequence[Array]) -> Any:
 
 
 def _safe_pow(magnitude: Array, power: float) -> Array:
-    """``magnitude ** power`` with a finite derivative at zero."""
-    positive = magnitude > 0
-    return jnp.where(positive, jnp.where(positive, magnitude, 1) ** power, 0)
+    """``magnitude ** power`` with a finite derivative at zero; NaN and inf propagate."""
+    zero = magnitude == 0
+    return jnp.where(zero, 0, jnp.where(zero, 1, magnitude) ** power)
 
 
 def _magnitude(x: Array, acc: Any) -> Array:
@@ -136,6 +137,13 @@ def _power_sum(x: Array, p: float, axes: Any = None) -> Array:
     if p == 1:
         return jnp.sum(magnitude, axis=axes)
     return jnp.sum(_safe_pow(magnitude, p), axis=axes)
+
+
+def _divided(x: Array, divisor: Array, acc: Any) -> Array:
+    """``x / divisor`` in ``acc`` precision, keeping the imaginary part of complex ``x``."""
+    if jnp.iscomplexobj(x):
+        return x.astype(jnp.result_type(acc, jnp.complex64)) / divisor
+    return x.astype(acc) / divisor
 
 
 def _max_magnitude(x: Array, axes: Any = None) -> Array:
@@ -228,16 +236,30 @@ def _global_norm(leaves: Sequence[Array], p: float, axis_name: AxisName) -> Arra
     total = _psum(jnp.sum(sums), axis_name)
     if p == 1:
         return total
+    fast, rescaled = _global_branches(p, axis_name)
+    return lax.cond(_trusted(total), fast, rescaled, total, list(leaves))
 
-    def rescaled() -> Array:
+
+# The branches of the overflow check are built once per (order, axis_name), so
+# lax.cond finds them in its cache: eager calls then reuse the compiled cond
+# instead of tracing and compiling new closures on every call.
+@functools.cache
+def _global_branches(p: float, axis_name: AxisName) -> tuple[Callable, Callable]:
+    def fast(total: Array, leaves: list[Array]) -> Array:
+        del leaves
+        return _root(total, p)
+
+    def rescaled(total: Array, leaves: list[Array]) -> Array:
+        del total
+        acc = _widest(leaves)
         largest = _pmax(
             jnp.max(jnp.stack([_max_magnitude(x).astype(acc) for x in leaves])), axis_name
         )
         divisor = _safe_divisor(largest)
-        scaled = sum(_power_sum(x.astype(acc) / divisor, p) for x in leaves)
+        scaled = sum(_power_sum(_divided(x, divisor, acc), p) for x in leaves)
         return _scaled_norm(largest, _psum(scaled, axis_name), p)
 
-    return lax.cond(_trusted(total), lambda: _root(total, p), rescaled)
+    return fast, rescaled
 
 
 def unit_norms(
@@ -265,8 +287,24 @@ def unit_norms(
     if p == 1:
         return sums
     all_trusted = jnp.all(jnp.stack([jnp.all(_trusted(s)) for s in sums]))
+    fast, rescaled = _unit_branches(p, axis_name, _hashable_axes(axes))
+    return lax.cond(all_trusted, fast, rescaled, sums, xs)
 
-    def rescaled() -> list[Array]:
+
+def _hashable_axes(axes: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(tuple(a) if isinstance(a, (list, tuple)) else a for a in axes)
+
+
+@functools.cache
+def _unit_branches(
+    p: float, axis_name: AxisName, axes: tuple[Any, ...]
+) -> tuple[Callable, Callable]:
+    def fast(sums: list[Array], xs: list[Array]) -> list[Array]:
+        del xs
+        return [_root(s, p) for s in sums]
+
+    def rescaled(sums: list[Array], xs: list[Array]) -> list[Array]:
+        del sums
         largest = _pmax([_max_magnitude(x, a) for x, a in zip(xs, axes)], axis_name)
         scaled = []
         for x, a, m in zip(xs, axes, largest):
@@ -274,11 +312,11 @@ def unit_norms(
             if a is not None:
                 divisor = jnp.expand_dims(divisor, a)
             acc = accumulation_dtype(x.dtype)
-            scaled.append(_power_sum(x.astype(acc) / divisor, p, a))
+            scaled.append(_power_sum(_divided(x, divisor, acc), p, a))
         scaled = _psum(scaled, axis_name)
         return [_scaled_norm(m, s, p) for m, s in zip(largest, scaled)]
 
-    return lax.cond(all_trusted, lambda: [_root(s, p) for s in sums], rescaled)
+    return fast, rescaled
 
 
 def leaf_norms(tree: Any, ord: float = 2, *, axis_name: AxisName = None) -> Any:

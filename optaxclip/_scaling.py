@@ -21,6 +21,7 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from optaxclip._norms import accumulation_dtype, is_float_leaf
 
@@ -105,7 +106,9 @@ def scale_factor(norm: Array, threshold: Array, eps: Any = 0.0) -> tuple[Array, 
     * a non-finite norm (with a finite threshold) gives NaN: the caller's output
       then signals the error in every entry, instead of zeroing finite entries
       (which is what ``threshold / inf = 0`` would silently do);
-    * the derivative is finite everywhere the norm is finite, zero included.
+    * the derivative is finite everywhere the norm is finite, zero included;
+    * ``clipped`` is ``scale != 1``: whether the update is changed, so it is also
+      true when a non-finite norm turns the output NaN.
     """
     threshold = threshold.astype(jnp.promote_types(threshold.dtype, norm.dtype))
     norm = norm.astype(threshold.dtype)
@@ -114,7 +117,7 @@ def scale_factor(norm: Array, threshold: Array, eps: Any = 0.0) -> tuple[Array, 
     scale = jnp.where(over, threshold / safe_denominator, 1)
     scale = jnp.where(jnp.isfinite(norm), scale, jnp.nan)
     scale = jnp.where(threshold == math.inf, 1, scale)
-    return scale, scale < 1
+    return scale, scale != 1
 
 
 def apply_scale(update: Any, scale: Array) -> Any:
@@ -133,5 +136,9 @@ def apply_scale(update: Any, scale: Array) -> Any:
     scaled = product.astype(update.dtype)
     if compute != update.dtype and not jnp.iscomplexobj(update):
         grew = jnp.abs(scaled.astype(compute)) > jnp.abs(product)
-        scaled = jnp.where(grew, jnp.nextafter(scaled, jnp.zeros_like(scaled)), scaled)
+        # One step toward zero, exact in the leaf's dtype; nextafter has no
+        # derivative, so the step is a constant to jax.grad.
+        constant = lax.stop_gradient(scaled)
+        step = constant - jnp.nextafter(constant, jnp.zeros_like(constant))
+        scaled = jnp.where(grew, scaled - step, scaled)
     return jnp.where(scale == 1, update, scaled)

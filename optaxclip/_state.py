@@ -29,7 +29,8 @@ class ClipStats(NamedTuple):
       norm: pre-clip norm(s), float32. NaN or inf when the gradients were not finite.
       threshold: the threshold used this step, float32.
       scale: the factor applied, in [0, 1]; NaN when the norm was not finite.
-      clipped: whether the scale was below 1.
+      clipped: whether the update was changed: the scale was below 1, or NaN
+        because the norm was not finite.
     """
 
     norm: Any

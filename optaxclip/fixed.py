@@ -129,13 +129,14 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
     ``tf.clip_by_value(g, -t, t)``, ``optax.clip``.
 
     Formal guarantees:
-      * ``max|out| <= max_delta`` exactly: the threshold is rounded *down* to the
-        leaf's dtype before clipping, so bf16 output never exceeds it.
+      * ``max|out| <= max_delta`` exactly (``max_delta`` as float32): the
+        threshold is rounded *down* to the leaf's dtype before clipping, so bf16
+        output never exceeds it.
       * entries with ``|g_i| <= max_delta`` are returned bit-identical; signs are kept.
       * same structure, shapes and dtypes; non-float leaves pass through.
       * stats: ``norm`` is the pre-clip max-norm ``max|g_i|`` (NaN if any entry is
         NaN), ``scale = min(1, max_delta / norm)``, ``clipped`` whether any entry
-        was clipped.
+        was clipped (also true when a NaN entry leaves it unknown).
 
     Edge cases:
 
@@ -147,7 +148,8 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
       ``max_delta = inf``         identity
       ``+inf`` / ``-inf`` entry   ``+max_delta`` / ``-max_delta`` (as torch)
       NaN entry                   stays NaN; other entries clipped as usual;
-                                  ``norm`` stat is NaN
+                                  ``norm``, ``scale`` stats NaN; ``clipped``
+                                  true
       negative static threshold   ``ValueError`` at construction
       negative traced threshold   clamped to 0
       bf16 / fp16 leaves          clipped in their own dtype, bound exact
@@ -183,10 +185,11 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
         pre_clip_max = _norms.global_norm(updates, math.inf)
         # Value clipping maps inf entries to the limit, so only NaN leaves the
         # scale (the largest entry's shrink factor) undefined.
-        clipped = pre_clip_max > threshold
-        scale = jnp.where(clipped, threshold / jnp.where(clipped, pre_clip_max, 1), 1)
+        over = pre_clip_max > threshold
+        scale = jnp.where(over, threshold / jnp.where(over, pre_clip_max, 1), 1)
         scale = jnp.where(jnp.isnan(pre_clip_max), jnp.nan, scale)
-        stats = _state.make_stats(pre_clip_max, threshold, scale, clipped)
+        scale = jnp.where(threshold == math.inf, 1, scale)
+        stats = _state.make_stats(pre_clip_max, threshold, scale, scale != 1)
         return jax.tree.map(clip_leaf, updates), stats
 
     return _transformation(ClipByValueState, max_delta, lambda _: jnp.zeros([]), clip)
@@ -197,7 +200,10 @@ def _round_down(threshold: Array, dtype: Any) -> Array:
     real = jnp.finfo(dtype).dtype
     rounded = threshold.astype(real)
     too_big = rounded.astype(threshold.dtype) > threshold
-    return jnp.where(too_big, jnp.nextafter(rounded, jnp.zeros_like(rounded)), rounded)
+    # nextafter has no derivative: the one-step correction is a constant to jax.grad.
+    constant = jax.lax.stop_gradient(rounded)
+    step = constant - jnp.nextafter(constant, jnp.zeros_like(constant))
+    return jnp.where(too_big, rounded - step, rounded)
 
 
 def _complex_value_scale(g: Array, threshold: Array) -> Array:
@@ -325,8 +331,9 @@ def clip_by_global_norm(
       ``max_norm = 0``           zeros
       ``max_norm = inf``         identity, also for non-finite gradients
       NaN / inf anywhere         every entry NaN; ``norm`` stat NaN / inf,
-                                 ``scale`` NaN (torch zeroes finite entries
-                                 on inf; optaxclip never does)
+                                 ``scale`` NaN, ``clipped`` true (torch
+                                 zeroes finite entries on inf; optaxclip
+                                 never does)
       negative static value      ``ValueError`` at construction
       negative traced value      clamped to 0
       bf16 grads, f32 threshold  works (``optax`` raises ``TypeError``)

@@ -1,0 +1,178 @@
+"""Alternative designs of ``clip_by_global_norm``, measured against the library's own.
+
+Each design keeps the library's contract for finite float32 trees (same norm up
+to rounding, same scale, same stats) and changes one thing:
+
+* ``nostats``: the library's math with an empty state, to price the stats.
+* ``concat_rescue``: the library's fast path (one sum of squares per leaf), but
+  the rare overflow/underflow branch works on one concatenated vector: two
+  reductions instead of two per leaf, so a much smaller program to compile.
+* ``scaled_rescue``: the library's fast path; the rare branch re-reads each
+  leaf once, scaled by a fixed power of two (``2**-80`` after overflow,
+  ``2**80`` after underflow) instead of by the largest magnitude, which needs
+  no max pass: one reduction per leaf instead of two, and no extra memory.
+* ``fused_concat``: one sum of squares over the concatenation of all raveled
+  leaves, which XLA can fuse into a single reduction kernel reading every leaf.
+* ``grouped``: leaves of one shape and dtype are stacked and reduced together.
+* ``no_select``: the library's norm, then ``g * scale`` without the
+  ``where(scale == 1, g, g * scale)`` select that keeps unclipped input
+  bit-identical.
+
+The floors are not clippers: ``floor_read`` is one read pass (a sum of squares)
+and ``floor_read_write`` adds the minimal scale pass (read and write each entry).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+import optaxclip
+from optaxclip import _norms, _scaling, _state
+from optaxclip.fixed import ClipByGlobalNormState, _transformation
+
+Array = jax.Array
+NormFn = Callable[[list[Array]], Array]
+
+
+def floor_read(tree: Any) -> Array:
+    """One read of every entry: the global sum of squares, nothing else."""
+    return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
+
+
+def floor_read_write(tree: Any, max_norm: float = 1.0) -> Any:
+    """One read for the norm plus one read and write to scale: the clip's memory floor."""
+    norm = jnp.sqrt(floor_read(tree))
+    scale = jnp.minimum(1.0, max_norm / norm)
+    return jax.tree.map(lambda x: x * scale, tree)
+
+
+def _rescue_concat(leaves: list[Array]) -> Array:
+    """Overflow-safe L2 norm over one concatenated vector: ``M * ||x / M||``."""
+    flat = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
+    largest = jnp.max(jnp.abs(flat), initial=0)
+    divisor = _norms._safe_divisor(largest)
+    scaled = jnp.sum(jnp.square(flat / divisor))
+    return _norms._scaled_norm(largest, scaled, 2.0)
+
+
+def _guarded(total: Array, leaves: list[Array]) -> Array:
+    return lax.cond(_norms._trusted(total), lambda: _norms._root(total, 2.0),
+                    lambda: _rescue_concat(leaves))
+
+
+_DOWN, _UP = 2.0**-80, 2.0**80
+
+
+def norm_scaled_rescue(leaves: list[Array]) -> Array:
+    """Rare branch: ``sum((x * c)**2) / c**2`` with ``c`` a power of two, exact scaling.
+
+    After overflow the total was >= 3.4e38, so with ``c = 2**-80`` every entry
+    that matters stays a normal float and 4e9 entries of 3.4e38 cannot overflow.
+    After underflow every ``|x| < 3.3e-10``, and ``c = 2**80`` lifts all but
+    denormal-range entries (which XLA on CPU flushes anyway) into normal range.
+    """
+    total = jnp.sum(jnp.stack([jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves]))
+
+    def rescaled() -> Array:
+        c = jnp.where(total >= math.inf, jnp.float32(_DOWN), jnp.float32(_UP))
+        scaled = sum(jnp.sum(jnp.square(x.astype(jnp.float32) * c)) for x in leaves)
+        return jnp.where(jnp.isnan(scaled), scaled, _norms._root(scaled, 2.0) / c)
+
+    return lax.cond(_norms._trusted(total), lambda: _norms._root(total, 2.0), rescaled)
+
+
+def norm_concat_rescue(leaves: list[Array]) -> Array:
+    total = jnp.sum(jnp.stack([jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves]))
+    return _guarded(total, leaves)
+
+
+def norm_fused_concat(leaves: list[Array]) -> Array:
+    flat = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
+    return _guarded(jnp.sum(jnp.square(flat)), leaves)
+
+
+def norm_grouped(leaves: list[Array]) -> Array:
+    groups: dict[tuple, list[Array]] = {}
+    for x in leaves:
+        groups.setdefault((x.shape, x.dtype), []).append(x)
+    sums = [jnp.sum(jnp.square(jnp.stack(g).astype(jnp.float32))) for g in groups.values()]
+    return _guarded(jnp.sum(jnp.stack(sums)), leaves)
+
+
+def norm_library(leaves: list[Array]) -> Array:
+    return _norms.global_norm(leaves)
+
+
+def _plain_scale(g: Array, scale: Array) -> Array:
+    return (g.astype(jnp.float32) * scale).astype(g.dtype)
+
+
+def make_clip(
+    max_norm: float, norm_fn: NormFn = norm_library,
+    apply_fn: Callable[[Array, Array], Array] = _scaling.apply_scale,
+) -> optax.GradientTransformationExtraArgs:
+    """A global-norm clipper with the library's state and stats, built from parts."""
+
+    def clip(updates: Any, threshold: Array) -> tuple[Any, Any]:
+        leaves = [jnp.asarray(x) for x in jax.tree.leaves(updates)]
+        norm = norm_fn(leaves)
+        scale, clipped = _scaling.scale_factor(norm, threshold)
+        out = jax.tree.map(lambda g: apply_fn(g, scale), updates)
+        return out, _state.make_stats(norm, threshold, scale, clipped)
+
+    return _transformation(ClipByGlobalNormState, max_norm, lambda _: jnp.zeros([]), clip)
+
+
+def clip_by_global_norm_nostats(max_norm: float) -> optax.GradientTransformation:
+    """``optaxclip.clip_by_global_norm``'s math with an empty state (no stats)."""
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        norm = _norms.global_norm(updates)
+        scale, _ = _scaling.scale_factor(norm, jnp.float32(max_norm))
+        return jax.tree.map(lambda g: _scaling.apply_scale(g, scale), updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+DESIGNS: dict[str, Callable[[float], optax.GradientTransformation]] = {
+    "library": optaxclip.clip_by_global_norm,
+    "concat_rescue": lambda t: make_clip(t, norm_concat_rescue),
+    "scaled_rescue": lambda t: make_clip(t, norm_scaled_rescue),
+    "fused_concat": lambda t: make_clip(t, norm_fused_concat),
+    "grouped": lambda t: make_clip(t, norm_grouped),
+    "no_select": lambda t: make_clip(t, norm_library, _plain_scale),
+}
+
+
+def check_designs(tree: Any, max_norm: float = 1.0) -> dict[str, float]:
+    """Largest relative difference of each design's output from the library's.
+
+    Also raises ``AssertionError`` when a design's norm overflows on ``1e20``
+    entries or loses a NaN (the library's rescaled path handles both).
+    """
+    big = {"x": jnp.full((4,), 1e20), "y": jnp.full((3,), 1e-25), "z": jnp.array([jnp.nan])}
+    outputs = {}
+    for name, make in DESIGNS.items():
+        tx = make(max_norm)
+        run = jax.jit(lambda a, b, tx=tx: (tx.update(a, tx.init(a))[0],
+                                            tx.update(b, tx.init(b))[1].stats.norm))
+        outputs[name], big_norm = run(tree, big)
+        if not math.isnan(float(big_norm)):
+            raise AssertionError(f"design {name} loses a NaN: norm {float(big_norm)}")
+        big_norm = run(tree, {k: v for k, v in big.items() if k != "z"})[1]
+        if not math.isclose(float(big_norm), 2e20, rel_tol=1e-6):
+            raise AssertionError(f"design {name} overflows: norm {float(big_norm)}")
+    worst = {}
+    for name, out in outputs.items():
+        diffs = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30),
+                             out, outputs["library"])
+        worst[name] = float(max(jax.tree.leaves(diffs)))
+    return worst

@@ -1,0 +1,185 @@
+"""Runs every benchmark and prints the tables with PASS/MISS per target.
+
+Usage::
+
+    python -m benchmarks.run            # full sizes: GPT-2 small (124M f32) and 2000 x 64x64
+    python -m benchmarks.run --quick    # GPT-2 shapes / 8 and 200 x 64x64, fewer repeats
+    python -m benchmarks.run --out results.md
+
+All contenders of one table run in one process, interleaved round-robin, so the
+ratios are what to read; absolute times move with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Any
+
+from benchmarks import suites, timing, trees
+from benchmarks.suites import FULL, QUICK, Sizes
+
+Target = dict[str, Any]
+
+
+def run_all(sizes: Sizes, *, with_designs: bool = True, with_adaptive: bool = True,
+            log: Any = print) -> dict:
+    """Runs benchmarks a to e on both trees and returns every number and ratio."""
+    started = time.perf_counter()
+    available = suites.adaptive_clippers()
+    results: dict[str, Any] = {
+        "sizes": sizes.label,
+        "machine": timing.machine(),
+        "adaptive_available": sorted(available),
+        "adaptive_missing": [n for n in suites.ADAPTIVE if n not in available],
+        "trees": {},
+    }
+    for i, (tree_name, shapes) in enumerate(sizes.trees().items()):
+        # Designs, adaptive clippers and the not-clipping regime run on the GPT-2
+        # tree only: compiling them for thousands of leaves takes minutes each.
+        first = i == 0
+        log(f"[{tree_name}] {trees.describe(shapes)}")
+        entry: dict[str, Any] = {"description": trees.describe(shapes), "standalone": {}}
+        for regime in suites.REGIMES if first else suites.REGIMES[:1]:
+            log(f"  a/d. standalone clip, {regime} ...")
+            entry["standalone"][regime] = suites.standalone(
+                sizes, shapes, regime, with_designs=with_designs and first,
+                with_adaptive=with_adaptive and first,
+            )
+        log("  b/c/e. Adam step: time, compile time, memory ...")
+        entry["step"] = suites.adam_step(sizes, shapes, None if first else 1,
+                                         with_designs=with_designs and first)
+        results["trees"][tree_name] = entry
+    results["machine"]["load_avg_after"] = timing.machine()["load_avg_1_5_15"]
+    results["targets"] = targets(results)
+    results["seconds"] = time.perf_counter() - started
+    return results
+
+
+def _median(table: dict, name: str) -> float:
+    return table[name]["median_ms"] if name in table else math.nan
+
+
+def targets(results: dict) -> list[Target]:
+    """Every target of the issue as a ratio of medians, its limit, and PASS or MISS.
+
+    Standalone targets use the ``clip`` regime (every call rescales); the first
+    tree (GPT-2 shapes) carries the floor, Adam-step and stats targets.
+    """
+    out: list[Target] = []
+
+    def add(name: str, table: dict, numerator: str, denominator: str, limit: float) -> None:
+        if isinstance(table.get(numerator), dict):
+            ratio = _median(table, numerator) / _median(table, denominator)
+            low = table[numerator]["min_ms"] / table[denominator]["min_ms"]
+        elif numerator in table and denominator in table:  # compile seconds
+            ratio, low = table[numerator] / table[denominator], math.nan
+        else:
+            ratio = low = math.nan
+        status = "n/a" if math.isnan(ratio) else ("PASS" if ratio <= limit else "MISS")
+        out.append({"target": name, "ratio": ratio, "min_ratio": low, "limit": limit,
+                    "status": status})
+
+    for i, (tree_name, entry) in enumerate(results["trees"].items()):
+        a, step = entry["standalone"]["clip"]["times"], entry["step"]
+        add(f"standalone / optax [{tree_name}]", a, "optaxclip", "optax", 1.0)
+        add(f"standalone / torch foreach [{tree_name}]", a, "optaxclip", "torch_foreach", 1.0)
+        if i == 0:
+            add(f"standalone / floor (norm read + scale r/w) [{tree_name}]", a, "optaxclip",
+                "floor_read_write", 1.3)
+            add(f"Adam step with clip / Adam alone [{tree_name}]", step["times"],
+                "optaxclip+adam", "adam", 1.05)
+            add(f"  (bound: floor clip + Adam / Adam alone) [{tree_name}]", step["times"],
+                "floor+adam", "adam", 1.05)
+        add(f"compile time / optax's [{tree_name}]", step["compile_s"], "optaxclip+adam",
+            "optax+adam", 1.0)
+        if i == 0:
+            add(f"stats overhead: with / without stats [{tree_name}]", a, "optaxclip",
+                "nostats", 1.02)
+    return out
+
+
+def render(results: dict) -> str:
+    """The results as Markdown tables."""
+    lines = [f"Sizes: **{results['sizes']}**; whole run {results.get('seconds', 0):.0f} s.", ""]
+    lines += ["| machine | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in results["machine"].items()]
+    lines += ["", "### Targets (ratio of medians; ratio of minima alongside)", "",
+              "| target | medians | minima | limit | result |", "|---|---|---|---|---|"]
+    for t in results["targets"]:
+        low = "-" if math.isnan(t["min_ratio"]) else f"{t['min_ratio']:.3f}x"
+        lines.append(f"| {t['target']} | {t['ratio']:.3f}x | {low} "
+                     f"| <= {t['limit']:.2f}x | {t['status']} |")
+    for tree_name, entry in results["trees"].items():
+        lines += ["", f"### {tree_name}: {entry['description']}"]
+        for regime, table in entry["standalone"].items():
+            title = {
+                "clip": "a/d. Standalone clip update, clipping on every call "
+                        f"(max_norm {table['max_norm']:g}, fresh donated input per call)",
+                "noclip": "a. Standalone clip update, not clipping "
+                          f"(max_norm {table['max_norm']:.4g} = 2 x norm, output fed back)",
+            }[regime]
+            lines += _time_table(title, table["times"], "optaxclip", table["hlo"])
+        step = entry["step"]
+        lines += _time_table("b. Jitted Adam step (params and state donated, clipping active)",
+                             step["times"], "adam", step["hlo"])
+        lines += ["", "c/e. Adam step: compile time and XLA memory analysis", "",
+                  "| step | lower+compile s | / optax+adam | peak MiB | temp MiB |",
+                  "|---|---|---|---|---|"]
+        ref = step["compile_s"].get("optax+adam", math.nan)
+        for name, seconds in step["compile_s"].items():
+            mem = step["memory"].get(name, {})
+            lines.append(
+                f"| {name} | {seconds:.2f} | {seconds / ref:.2f}x "
+                f"| {mem.get('peak_bytes', 0) / 2**20:,.1f} "
+                f"| {mem.get('temp_bytes', 0) / 2**20:,.1f} |"
+            )
+    missing = results["adaptive_missing"]
+    if missing:
+        lines += ["", f"Adaptive clippers not yet available: {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
+def _time_table(title: str, table: dict, reference: str, hlo: dict) -> list[str]:
+    ref = _median(table, reference)
+    lines = ["", title, "",
+             f"| contender | median ms | q1-q3 ms | min ms | / {reference} | kernels | reduces |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s in sorted(table.items(), key=lambda kv: kv[1]["median_ms"]):
+        h = hlo.get(name, {})
+        lines.append(
+            f"| {name} | {s['median_ms']:.3f} | {s['q1_ms']:.3f}-{s['q3_ms']:.3f} "
+            f"| {s['min_ms']:.3f} | {s['median_ms'] / ref:.3f}x "
+            f"| {h.get('kernels', '')} | {h.get('reduces', '')} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small trees, few repeats")
+    parser.add_argument("--out", help="also write the Markdown report to this file")
+    parser.add_argument("--json", help="also write every number as JSON to this file")
+    parser.add_argument("--no-designs", action="store_true",
+                        help="skip the alternative designs (--quick always skips them)")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    results = run_all(sizes, with_designs=not (args.quick or args.no_designs),
+                      with_adaptive=not args.quick,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))
+    report = render(results)
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""The benchmark runner works end to end at a tiny size (a smoke test: no timing asserts)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import designs, run, suites, timing, trees
+
+
+def test_gpt2_small_shapes_are_the_real_model():
+    shapes = trees.gpt2_small_shapes()
+    assert len(shapes) == 148
+    assert trees.entries(shapes) == 124_439_808
+    assert shapes["wte"] == (50257, 768) and shapes["h.11.mlp.c_proj.weight"] == (3072, 768)
+    assert len(trees.gpt2_small_shapes(8)) == 148
+
+
+def test_interleaved_times_every_contender_in_rotating_order():
+    calls = []
+
+    class Contender:
+        def __init__(self, name):
+            self.name = name
+
+        def prepare(self):
+            calls.append(("prepare", self.name))
+
+        def __call__(self):
+            calls.append(("call", self.name))
+
+    samples = timing.interleaved({"a": Contender("a"), "b": Contender("b")}, repeats=3)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3}
+    timed = [name for kind, name in calls if kind == "call"][2:]  # after warm-up
+    assert timed == ["a", "b", "b", "a", "a", "b"]
+    assert all(calls[i] == ("prepare", calls[i + 1][1]) for i in range(0, len(calls), 2))
+
+
+def test_designs_match_the_library_and_stay_overflow_safe():
+    shapes = dict(list(trees.gpt2_small_shapes(64).items())[:3])
+    values = trees.make_tree(shapes, seed=1)
+    worst = designs.check_designs(jax.tree.map(jnp.asarray, values))
+    assert set(worst) == set(designs.DESIGNS)
+    assert max(worst.values()) < 1e-5
+    big = {"x": np.full((3,), 1e20, np.float32)}
+    floor = float(jnp.sqrt(designs.floor_read(big)))
+    assert math.isinf(floor)  # the floor is not overflow-safe; the designs are (checked above)
+
+
+@pytest.fixture(scope="module")
+def tiny_results():
+    return run.run_all(suites.TINY, with_designs=False, with_adaptive=False, log=lambda _: None)
+
+
+def test_run_all_reports_every_benchmark(tiny_results):
+    r = tiny_results
+    assert r["machine"]["cpu"] and r["machine"]["jax"]
+    first, second = list(r["trees"].values())
+    clip = first["standalone"]["clip"]["times"]
+    for name in ["optaxclip", "optax", "floor_read", "floor_read_write", "nostats"]:
+        s = clip[name]
+        assert s["n"] == 2 and 0 < s["min_ms"] <= s["median_ms"] and math.isfinite(s["q3_ms"])
+    assert set(first["standalone"]) == {"clip", "noclip"} and set(second["standalone"]) == {"clip"}
+    step = first["step"]
+    assert {"adam", "floor+adam", "optaxclip+adam", "optax+adam"} <= set(step["times"])
+    assert all(v > 0 for v in step["compile_s"].values())
+    mem = step["memory"]["optaxclip+adam"]
+    assert mem["peak_bytes"] == (mem["argument_bytes"] + mem["output_bytes"]
+                                 - mem["alias_bytes"] + mem["temp_bytes"])
+    assert step["hlo"]["optax+adam"]["reduces"] >= 1
+
+
+def test_targets_are_ratios_of_the_measured_medians(tiny_results):
+    r = tiny_results
+    gpt2 = next(iter(r["trees"].values()))
+    clip = gpt2["standalone"]["clip"]["times"]
+    by_name = {t["target"].split(" [")[0]: t for t in r["targets"][:6]}
+    t = by_name["standalone / optax"]
+    assert t["ratio"] == pytest.approx(clip["optaxclip"]["median_ms"] / clip["optax"]["median_ms"])
+    assert t["status"] == ("PASS" if t["ratio"] <= 1.0 else "MISS")
+    compile_s = gpt2["step"]["compile_s"]
+    compile_target = next(x for x in r["targets"] if x["target"].startswith("compile"))
+    assert compile_target["ratio"] == pytest.approx(
+        compile_s["optaxclip+adam"] / compile_s["optax+adam"])
+    report = run.render(r)
+    assert "| standalone / optax" in report and ("PASS" in report or "MISS" in report)
