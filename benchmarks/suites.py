@@ -106,20 +106,32 @@ class _TorchClip:
     """``torch.nn.utils.clip_grad_norm_(foreach=True)`` on ``.grad`` tensors, in place."""
 
     def __init__(self, torch: Any, values: dict, max_norm: float, refresh: bool):
-        self.torch, self.values, self.max_norm, self.refresh = torch, values, max_norm, refresh
+        self.torch, self.max_norm, self.refresh = torch, max_norm, refresh
+        # On a GPU machine (jax on GPU and a CUDA torch), torch runs on the GPU too.
+        on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+        self.device = torch.device("cuda" if on_gpu else "cpu")
+        self.sources = [torch.from_numpy(v).to(self.device) for v in values.values()]
         self.params = []
-        for v in values.values():
-            p = torch.nn.Parameter(torch.empty(v.shape, dtype=torch.float32))
-            p.grad = torch.from_numpy(v.copy())
+        for source in self.sources:
+            p = torch.nn.Parameter(torch.empty(source.shape, device=self.device))
+            p.grad = source.clone()
             self.params.append(p)
+        self._sync()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
 
     def prepare(self) -> None:
         if self.refresh:
-            for p, v in zip(self.params, self.values.values()):
-                p.grad.copy_(self.torch.from_numpy(v))
+            for p, source in zip(self.params, self.sources):
+                p.grad.copy_(source)
+            self._sync()
 
     def __call__(self) -> Any:
-        return self.torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        norm = self.torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        self._sync()
+        return norm
 
 
 REGIMES = ("clip", "noclip")

@@ -1,7 +1,7 @@
 """Example 5: catching exploding gradients: per-step logs and a spike alarm.
 
-The seed's advice, "log the model's loss, and create triggers that notify you of
-sudden jumps", for a jitted optax loop. Every step logs the loss, the pre-clip
+The usual advice, "log the loss, and set a trigger that tells you about sudden
+jumps", for a jitted optax loop. Every step logs the loss, the pre-clip
 gradient norm and the clipped fraction (read from ``optaxclip.stats``, never
 recomputed for the clipper) to
 

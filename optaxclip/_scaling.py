@@ -102,7 +102,8 @@ def scale_factor(norm: Array, threshold: Array, eps: Any = 0.0) -> tuple[Array, 
 
     * at or below the threshold the scale is exactly 1 (with ``eps > 0``, as in
       torch, exactly when ``norm + eps <= threshold``);
-    * threshold ``inf`` always gives 1, whatever the norm;
+    * threshold ``inf`` always gives 1, whatever the norm; threshold 0 gives 0
+      for every finite norm, 0 included;
     * a non-finite norm (with a finite threshold) gives NaN: the caller's output
       then signals the error in every entry, instead of zeroing finite entries
       (which is what ``threshold / inf = 0`` would silently do);
@@ -115,6 +116,9 @@ def scale_factor(norm: Array, threshold: Array, eps: Any = 0.0) -> tuple[Array, 
     over = norm + eps > threshold
     safe_denominator = jnp.where(over, norm + eps, 1)
     scale = jnp.where(over, threshold / safe_denominator, 1)
+    # Threshold 0 zeroes everything, also entries so small (subnormal, flushed to
+    # zero in the norm) that the norm came out 0.
+    scale = jnp.where(threshold == 0, 0, scale)
     scale = jnp.where(jnp.isfinite(norm), scale, jnp.nan)
     scale = jnp.where(threshold == math.inf, 1, scale)
     return scale, scale != 1

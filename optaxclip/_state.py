@@ -95,7 +95,10 @@ def _summaries(stats: ClipStats, per_leaf: bool) -> dict[str, Array]:
     norms = jax.tree.leaves(stats.norm)
     scales = jax.tree.leaves(stats.scale)
     clipped = jax.tree.leaves(stats.clipped)
-    if len(norms) == 1 and jnp.ndim(norms[0]) == 0:
+    # A bare scalar is one global norm; a tree (even of one leaf) is per-leaf, so a
+    # per-leaf clipper reports the same keys whatever the number of leaves.
+    single = jax.tree_util.treedef_is_leaf(jax.tree.structure(stats.norm))
+    if single and len(norms) == 1 and jnp.ndim(norms[0]) == 0:
         return {
             "norm": norms[0],
             "threshold": stats.threshold,

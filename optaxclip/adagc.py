@@ -193,7 +193,7 @@ def adagc(
 
         threshold = jnp.max(jnp.stack(limits)) if limits else absolute
         rebuild = lambda xs: jax.tree.unflatten(treedef, xs)
-        clipped = jax.tree.map(lambda s: s < 1, rebuild(scales))
+        clipped = jax.tree.map(lambda s: s != 1, rebuild(scales))
         finite_step = jnp.isfinite(global_norm)
         return rebuild(out), AdaGCState(
             count=optax.safe_increment(state.count),

@@ -65,10 +65,10 @@ class AutoClipState(NamedTuple):
     Attributes:
       count: number of updates so far (int32).
       stats: ``ClipStats`` of the last update (global norm, threshold, scale).
-      norms: ring buffer of the last ``history`` finite pre-clip global norms
-        (float32); slots not yet written hold 0 and are ignored.
-      num_recorded: how many finite norms were ever recorded (int32, saturating).
-      position: the slot the next finite norm is written to.
+      norms: ring buffer of the last ``history`` finite, non-zero pre-clip global
+        norms (float32); slots not yet written hold 0 and are ignored.
+      num_recorded: how many norms were ever recorded (int32, saturating).
+      position: the slot the next recorded norm is written to.
     """
 
     count: Array
@@ -236,14 +236,15 @@ def adaptive_grad_clip(
         norms, limits = [placeholder] * len(out), [placeholder] * len(out)
         scales = [jnp.ones([], jnp.float32)] * len(out)
         for i, reduced, grad_norm, weight_norm in zip(positions, axes, grad_norms, weight_norms):
-            limit = ratio * jnp.maximum(weight_norm, eps)
+            # ratio inf means no limit, also for zero weights with eps = 0 (inf * 0).
+            limit = jnp.where(ratio == jnp.inf, jnp.inf, ratio * jnp.maximum(weight_norm, eps))
             scale, _ = _scaling.scale_factor(grad_norm, limit)
             # NaN weights give no limit at all; signal it rather than pass the unit.
             scale = jnp.where(jnp.isnan(limit), jnp.nan, scale)
             out[i] = _scaling.apply_scale(grad_leaves[i], jnp.expand_dims(scale, reduced))
             norms[i], limits[i], scales[i] = grad_norm, limit, scale
         rebuild = lambda xs: jax.tree.unflatten(treedef, xs)
-        clipped = jax.tree.map(lambda s: s < 1, rebuild(scales))
+        clipped = jax.tree.map(lambda s: s != 1, rebuild(scales))
         stats = _state.make_stats(rebuild(norms), ratio, rebuild(scales), clipped)
         new_state = AdaptiveGradClipState(
             count=optax.safe_increment(state.count),
@@ -282,8 +283,8 @@ def autoclip(
 
     Which history a step sees: as in the paper, the current step's pre-clip norm
     is recorded *first* and the percentile is taken over the last ``history``
-    finite norms including it (the paper keeps every norm; a ring buffer keeps
-    memory fixed). The percentile is numpy's default linear interpolation.
+    recorded norms including it (the paper keeps every norm; a ring buffer
+    keeps memory fixed). The percentile is numpy's default linear interpolation.
     On the first step the history is that single norm, so the threshold equals
     it and nothing is clipped; the threshold is meaningful after a few dozen
     steps. ``max_norm`` is an absolute cap: the threshold is never above it, from
@@ -291,7 +292,9 @@ def autoclip(
 
     Non-finite norms are *not* recorded, so one NaN/inf step cannot poison the
     history; that step's output is NaN (the library policy) and the stats show
-    the non-finite norm. Zero norms are recorded like any other.
+    the non-finite norm. Zero norms (a fully masked batch, a frozen phase) are
+    not recorded either: they say nothing about the gradient scale, and enough
+    of them would pull a low percentile to 0 and zero every later update.
 
     Equivalents: the authors' PyTorch snippet (``np.percentile`` of all past
     norms, then ``clip_grad_norm_``). No Keras, PyTorch or optax built-in.
@@ -312,9 +315,9 @@ def autoclip(
       ===========================  ===========================================
       first step                   unclipped (threshold = its own norm),
                                    unless above ``max_norm``
-      zero gradients               zeros; 0 is recorded
+      zero gradients               zeros; not recorded
       NaN / inf norm               every entry NaN; not recorded
-      no finite norm yet           threshold ``max_norm`` (``inf`` if None)
+      nothing recorded yet         threshold ``max_norm`` (``inf`` if None)
       ``percentile = 0`` / ``100``   the smallest / largest recorded norm
       invalid static argument      ``ValueError`` naming it
       ===========================  ===========================================
@@ -365,12 +368,12 @@ def autoclip(
     def update_fn(updates: Any, state: AutoClipState, params: Any = None, **extra):
         del params, extra
         norm = _norms.global_norm(updates, axis_name=axis_name).astype(jnp.float32)
-        finite = jnp.isfinite(norm)
-        norms = jnp.where(finite, state.norms.at[state.position].set(norm), state.norms)
+        record = jnp.isfinite(norm) & (norm > 0)
+        norms = jnp.where(record, state.norms.at[state.position].set(norm), state.norms)
         num_recorded = jnp.where(
-            finite, optax.safe_increment(state.num_recorded), state.num_recorded
+            record, optax.safe_increment(state.num_recorded), state.num_recorded
         )
-        position = jnp.where(finite, (state.position + 1) % history, state.position)
+        position = jnp.where(record, (state.position + 1) % history, state.position)
         filled = jnp.minimum(num_recorded, history)
         valid = jnp.arange(history) < filled
         ordered = jnp.sort(jnp.where(valid, norms, jnp.inf))

@@ -24,6 +24,9 @@ Shared contracts, tested for every clipper:
   Keras ``global_clipnorm``. Wrap the optimizer in a guard such as
   ``optax.apply_if_finite`` or run under ``optaxclip.checked`` to stop such a
   step. A threshold of ``inf`` is the identity even then.
+* **Subnormal floats**: XLA on CPU flushes them to zero, so a threshold below
+  the smallest normal float32 (``1.2e-38``), or a scale ``threshold / norm``
+  below it (a norm 1e38 times the threshold), acts as 0 and gives zeros.
 """
 
 from __future__ import annotations
@@ -180,7 +183,10 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
             if jnp.iscomplexobj(g):
                 # Complex entries are clipped by modulus, keeping their phase.
                 return _scaling.apply_scale(g, _complex_value_scale(g, threshold))
-            return jnp.clip(g, -limit, limit)
+            # The select hands back the input's own bits where nothing is clipped:
+            # XLA on CPU flushes subnormals to zero in min/max.
+            inside = (jnp.abs(g) <= limit) & (limit > 0)
+            return jnp.where(inside, g, jnp.clip(g, -limit, limit))
 
         pre_clip_max = _norms.global_norm(updates, math.inf)
         # Value clipping maps inf entries to the limit, so only NaN leaves the
@@ -286,7 +292,7 @@ def _scale_each_leaf(
     if divisor is not None:
         norms = jax.tree.map(lambda n, d: n / d, norms, divisor)
     scales = jax.tree.map(lambda n: _scaling.scale_factor(n, threshold)[0], norms)
-    clipped = jax.tree.map(lambda scale: scale < 1, scales)
+    clipped = jax.tree.map(lambda scale: scale != 1, scales)  # NaN scale: changed too
     out = jax.tree.map(_scaling.apply_scale, updates, scales)
     return out, _state.make_stats(norms, threshold, scales, clipped)
 

@@ -105,11 +105,12 @@ def test_classifier_linen(tmp_path):
     for name, run in runs.items():
         assert run["final_test_accuracy"] > 0.8, name
     # clip_by_value(0.5) never triggers on this data, and then it is the identity:
-    # the run is bit-identical to the unclipped one.
+    # the run matches the unclipped one (to float32 rounding: XLA compiles the two
+    # programs differently, so an ulp may differ after hundreds of steps).
     by_value, unclipped = runs["clip_by_value(0.5)"], runs["no clipping"]
     assert by_value["clipped_fraction"] == 0.0
     for a, b in zip(_leaves(by_value["params"]), _leaves(unclipped["params"])):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # global-norm clipping did trigger, and changed the trajectory
     by_norm = runs["clip_by_global_norm(1.0)"]
     assert by_norm["clipped_fraction"] > 0
@@ -203,7 +204,7 @@ def test_monitoring(tmp_path):
     for tag in ("train/loss", "train/pre_clip_norm", "train/clipped_fraction",
                 "clip_by_norm/norm", "clip_by_norm/clipped_fraction"):
         assert scalars[tag] == list(range(1, config["steps"] + 1)), tag
-    assert scalars["alerts"][0] == spike
+    assert scalars["alerts/text_summary"] == [spike, spike]  # one text per alert
     assert_png(result["plot"], tmp_path)
 
 

@@ -341,7 +341,6 @@ ALL_CLIPPERS = {
     "clip_by_global_norm": lambda: oc.clip_by_global_norm(1.0),
     "clip_by_global_norm_l1": lambda: oc.clip_by_global_norm(1.0, ord=1),
     "clip_by_block_rms": lambda: oc.clip_by_block_rms(1.0),
-    "autoclip": lambda: oc.autoclip(),
     "zclip": lambda: oc.zclip(),
     "adagc": lambda: oc.adagc(),
     "adaptive_grad_clip": lambda: oc.adaptive_grad_clip(0.01),
@@ -354,7 +353,7 @@ def test_checked_passes_real_clippers_eager(name):
     guarded = oc.checked(tx)
     params = jax.tree.map(jnp.ones_like, PARAMS)
     state, plain_state = guarded.init(params), tx.init(params)
-    for scale in (100.0, 0.01):  # clipped, then not
+    for scale in (100.0, 1e-3):  # clipped, then not
         grads = jax.tree.map(lambda g, s=scale: g * s, BIG)
         out, state = guarded.update(grads, state, params)
         expected, plain_state = tx.update(grads, plain_state, params)
