@@ -38,20 +38,22 @@ def run_all(sizes: Sizes, *, with_designs: bool = True, with_adaptive: bool = Tr
         "trees": {},
     }
     for i, (tree_name, shapes) in enumerate(sizes.trees().items()):
-        # Designs, adaptive clippers and the not-clipping regime run on the GPT-2
-        # tree only: compiling them for thousands of leaves takes minutes each.
+        # Adaptive clippers, the not-clipping regime and all but the hybrid design
+        # run on the GPT-2 tree only: compiling them for thousands of leaves
+        # takes minutes each.
         first = i == 0
+        designs_here: bool | str = with_designs and (True if first else "hybrid")
         log(f"[{tree_name}] {trees.describe(shapes)}")
         entry: dict[str, Any] = {"description": trees.describe(shapes), "standalone": {}}
         for regime in suites.REGIMES if first else suites.REGIMES[:1]:
             log(f"  a/d. standalone clip, {regime} ...")
             entry["standalone"][regime] = suites.standalone(
-                sizes, shapes, regime, with_designs=with_designs and first,
+                sizes, shapes, regime, with_designs=designs_here,
                 with_adaptive=with_adaptive and first,
             )
         log("  b/c/e. Adam step: time, compile time, memory ...")
         entry["step"] = suites.adam_step(sizes, shapes, None if first else 1,
-                                         with_designs=with_designs and first)
+                                         with_designs=designs_here)
         results["trees"][tree_name] = entry
     results["machine"]["load_avg_after"] = timing.machine()["load_avg_1_5_15"]
     results["targets"] = targets(results)

@@ -137,8 +137,15 @@ class _TorchClip:
 REGIMES = ("clip", "noclip")
 
 
+def designs_to_run(with_designs: bool | str) -> list[str]:
+    """All alternative designs (True), none (False), or only ``"hybrid"``."""
+    if with_designs == "hybrid":
+        return ["hybrid"]
+    return [n for n in designs.DESIGNS if n != "library"] if with_designs else []
+
+
 def standalone(sizes: Sizes, shapes: trees.Shapes, regime: str = "clip",
-               with_designs: bool = True, with_adaptive: bool = True) -> dict:
+               with_designs: bool | str = True, with_adaptive: bool = True) -> dict:
     """Benchmarks a and d: one jitted clip update per call, donated, interleaved.
 
     ``clip``: threshold 1, far below the norm, and fresh input every call, so
@@ -155,10 +162,9 @@ def standalone(sizes: Sizes, shapes: trees.Shapes, regime: str = "clip",
     }
     if refresh:
         txs["nostats"] = designs.clip_by_global_norm_nostats(t)
-    if with_designs:
-        for name, make in designs.DESIGNS.items():
-            if name != "library" and (refresh or name == "no_select"):
-                txs[f"design:{name}"] = make(t)
+    for name in designs_to_run(with_designs):
+        if refresh or name == "no_select":
+            txs[f"design:{name}"] = designs.DESIGNS[name](t)
     contenders: dict[str, Callable[[], Any]] = {
         name: _Clip(tx, source, refresh) for name, tx in txs.items()
     }
@@ -191,7 +197,7 @@ def _step_fn(tx: optax.GradientTransformation) -> Callable:
 
 
 def step_transforms(
-    max_norm: float, with_designs: bool = True
+    max_norm: float, with_designs: bool | str = True
 ) -> dict[str, Callable[[], optax.GradientTransformation]]:
     """Fresh-transformation factories for the Adam step (fresh, so nothing is cached)."""
     adam = lambda: optax.adam(1e-3)
@@ -202,16 +208,16 @@ def step_transforms(
         "optaxclip+adam": lambda: optax.chain(optaxclip.clip_by_global_norm(max_norm), adam()),
         "optax+adam": lambda: optax.chain(optax.clip_by_global_norm(max_norm), adam()),
     }
-    if with_designs:
-        for name in ("concat_rescue", "scaled_rescue"):
-            out[f"{name}+adam"] = lambda name=name: optax.chain(
-                designs.DESIGNS[name](max_norm), adam()
-            )
+    in_step = ("concat_rescue", "scaled_rescue", "hybrid")
+    for name in in_step if with_designs is True else designs_to_run(with_designs):
+        out[f"{name}+adam"] = lambda name=name: optax.chain(
+            designs.DESIGNS[name](max_norm), adam()
+        )
     return out
 
 
 def adam_step(sizes: Sizes, shapes: trees.Shapes, compile_repeats: int | None = None,
-              with_designs: bool = True) -> dict:
+              with_designs: bool | str = True) -> dict:
     """Benchmarks b, c and e: the jitted Adam step with and without clipping.
 
     Each step is ``params, opt_state = step(params, opt_state, grads)`` with

@@ -12,11 +12,11 @@ read out by a Dense layer at the last step; fresh batches of 64 every step;
 SGD(0.5, momentum 0.9).
 Runs:
 
-* ``no clipping``: the chain starts with ``clip_by_global_norm(inf)``, which is
-  the identity (the run is bit-identical to plain SGD) but records the pre-clip
-  gradient norm in its state, so ``optaxclip.stats`` gives the trace for this
-  run too. Within a few steps the gradient norm spikes, the weights jump, and
-  the loss overflows to NaN.
+* ``no clipping``: the chain starts with ``clip_by_global_norm(inf)``, which
+  passes the gradients through unchanged (a threshold of inf is the identity)
+  but records the pre-clip gradient norm in its state, so ``optaxclip.stats``
+  gives the trace for this run too. Within about a hundred steps the gradient
+  norm spikes, the weights jump, and the loss overflows to NaN.
 * ``clip_by_global_norm(1.0)``: the same optimizer and learning rate. Clipping
   bounds every step, and the LSTM solves the task.
 * ``no clipping, lr 0.05``: the usual workaround, a 10x smaller learning rate.

@@ -108,6 +108,7 @@ def scale_factor(norm: Array, threshold: Array, eps: Any = 0.0) -> tuple[Array, 
       then signals the error in every entry, instead of zeroing finite entries
       (which is what ``threshold / inf = 0`` would silently do);
     * the derivative is finite everywhere the norm is finite, zero included;
+    * a NaN threshold gives NaN, so it never passes gradients through unclipped;
     * ``clipped`` is ``scale != 1``: whether the update is changed, so it is also
       true when a non-finite norm turns the output NaN.
     """
@@ -121,6 +122,9 @@ def scale_factor(norm: Array, threshold: Array, eps: Any = 0.0) -> tuple[Array, 
     scale = jnp.where(threshold == 0, 0, scale)
     scale = jnp.where(jnp.isfinite(norm), scale, jnp.nan)
     scale = jnp.where(threshold == math.inf, 1, scale)
+    # A NaN threshold (a broken schedule or injected value) must not pass the
+    # gradients through unclipped: it poisons the output like a NaN norm does.
+    scale = jnp.where(jnp.isnan(threshold), jnp.nan, scale)
     return scale, scale != 1
 
 
@@ -129,8 +133,8 @@ def apply_scale(update: Any, scale: Array) -> Any:
 
     Entries come back bit-identical where ``scale == 1``; non-float leaves pass
     through untouched. For dtypes narrower than float32 the product is rounded
-    toward zero, so no entry grows past ``|g * scale|`` and the clip bound holds
-    exactly, not just up to bf16/fp16 rounding.
+    toward zero, so no entry grows past ``|g * scale|``: bf16/fp16 rounding never
+    pushes an output past the clip bound (which then holds to float32 precision).
     """
     if update is None or not is_float_leaf(update):
         return update

@@ -195,6 +195,7 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
         scale = jnp.where(over, threshold / jnp.where(over, pre_clip_max, 1), 1)
         scale = jnp.where(jnp.isnan(pre_clip_max), jnp.nan, scale)
         scale = jnp.where(threshold == math.inf, 1, scale)
+        scale = jnp.where(jnp.isnan(threshold), jnp.nan, scale)
         stats = _state.make_stats(pre_clip_max, threshold, scale, scale != 1)
         return jax.tree.map(clip_leaf, updates), stats
 

@@ -148,6 +148,7 @@ def test_lstm_adding(tmp_path):
     assert unclipped["first_nonfinite_step"] is not None
     assert math.isnan(unclipped["eval_mse"])
     assert unclipped["max_pre_clip_norm"] > 1e3
+    assert unclipped["clipped_fraction"] == 0  # clip_by_global_norm(inf) only records
     assert clipped["eval_mse"] < 0.25 * lstm_adding.BASELINE_MSE
     assert clipped["first_nonfinite_step"] is None
     # the norm trace comes from optaxclip.stats: one finite pre-clip norm per step

@@ -1,6 +1,9 @@
 """The fixed-threshold clippers, each run eagerly and under jax.jit.
 
-Every norm is checked against a numpy float64 reference written here.
+Every norm is checked against a numpy float64 reference written here. Most jitted
+runs pass the threshold as an argument, so one compilation per tree structure
+serves every threshold; the chain, vmap, schedule and order tests jit transforms
+with the threshold closed over, as user code usually does.
 """
 
 import functools
@@ -176,25 +179,23 @@ def test_zero_gradients_give_zeros_and_finite_gradient(name, mode):
 
     def loss(grads):
         updates, _ = FACTORY[name](1.0).update(grads, FACTORY[name](1.0).init(grads))
-        return jnp.sum(updates["w"] * weights) + jnp.sum(updates["h"].astype(jnp.float32))
+        return (jnp.sum(updates["w"] * weights) + jnp.sum(updates["h"].astype(jnp.float32))
+                + jnp.sum(jnp.abs(updates["c"])))
 
-    gradient = (jax.grad(loss) if mode == "eager" else jax.jit(jax.grad(loss)))(zeros)
+    if mode == "eager":
+        return  # jax.grad is checked jitted: it runs the same operations, much faster
+    grad_fn = jax.jit(jax.grad(loss))
+    gradient = grad_fn(zeros)
     for leaf in jax.tree.leaves(gradient):
         assert bool(jnp.all(jnp.isfinite(leaf)))
     # At zero the clipper is the identity, so the gradient is the loss's own weights.
     np.testing.assert_array_equal(gradient["w"], weights)
     np.testing.assert_array_equal(gradient["h"], [1.0, 1.0])
-
-
-def test_gradient_through_a_clipping_step_is_finite(name, mode):
-    def loss(grads):
-        updates, _ = FACTORY[name](1.0).update(grads, FACTORY[name](1.0).init(grads))
-        return sum(jnp.sum(jnp.abs(u).astype(jnp.float32)) for u in jax.tree.leaves(updates))
-
-    grads = G(w=[[3.0, -4.0], [0.0, 1.0]], h=[7.0, -9.0], c=[3 + 4j])
-    gradient = (jax.grad(loss) if mode == "eager" else jax.jit(jax.grad(loss)))(grads)
+    # Through a step that clips (bf16 rounding toward zero included) it is finite too.
+    gradient = grad_fn(G(w=[[3.0, -4.0], [0.0, 1.0]], h=[7.0, -9.0], c=[3 + 4j]))
     for leaf in jax.tree.leaves(gradient):
         assert bool(jnp.all(jnp.isfinite(leaf)))
+    assert np.any(np.asarray(gradient["w"]) != 0)
 
 
 def test_norm_exactly_at_threshold_is_bit_identical(name, mode):
@@ -349,8 +350,10 @@ def test_threshold_as_python_float_or_array_of_any_float_dtype(name, mode):
         tx = FACTORY[name](threshold)
         if mode == "eager":
             out, state = tx.update(grads, tx.init(grads))
-        else:  # traced in its own dtype, as optax.inject_hyperparams passes it
+        elif "array" in form:  # traced in its own dtype, as inject_hyperparams passes it
             out, state = jitted_update(name)(grads, tx.init(grads), threshold)
+        else:  # Python numbers under jit: the closed-over form most tests use
+            continue
         assert_bit_identical(out, want)
         assert state.stats.threshold.dtype == jnp.float32, form
         assert float(state.stats.threshold) == 1.5, form
@@ -380,8 +383,15 @@ def test_optax_clip_by_global_norm_rejects_that_threshold_form():
     out, _ = jax.jit(tx.update)(grads, tx.init(grads))
     assert out["w"].dtype == jnp.bfloat16
     # bf16 products are rounded toward zero, so the output stays inside the ball.
-    np.testing.assert_allclose(out["w"].astype(np.float64), [0.6, -0.8], rtol=2**-7)
+    np.testing.assert_allclose(np.asarray(out["w"], np.float64), [0.6, -0.8], rtol=2**-7)
     assert np.linalg.norm(np.asarray(out["w"], np.float64)) <= 1.0
+    # optax's clip and clip_by_block_rms accept that form but return float32 updates;
+    # optaxclip keeps the gradients' dtype.
+    for optax_factory, own in [(optax.clip, oc.clip_by_value),
+                               (optax.clip_by_block_rms, oc.clip_by_block_rms)]:
+        theirs, ours = (optax.inject_hyperparams(f)(jnp.float32(1.0)) for f in (optax_factory, own))
+        assert jax.jit(theirs.update)(grads, theirs.init(grads))[0]["w"].dtype == jnp.float32
+        assert jax.jit(ours.update)(grads, ours.init(grads))[0]["w"].dtype == jnp.bfloat16
 
 
 def test_schedule_follows_the_clippers_own_step_count(name, mode):
@@ -446,7 +456,7 @@ def test_bad_axis_name_raises_value_error_naming_it(factory, bad):
         factory(1.0, axis_name=bad)
 
 
-@pytest.mark.parametrize("ord", [1, 2, INF, 3.0, 0.5])
+@pytest.mark.parametrize("ord", [1, 2, INF, 3.0])  # (0.5: test_norms)
 def test_global_and_per_leaf_norm_orders_against_reference(mode, ord):
     grads = G(w=[[1e20, -3e19], [2.0, 0.0]], c=[3 + 4j])
     for factory in (oc.clip_by_norm, oc.clip_by_global_norm):
@@ -470,12 +480,60 @@ def test_global_and_per_leaf_norm_orders_against_reference(mode, ord):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_bound_holds_exactly(name, mode, dtype):
     rng = np.random.default_rng(3)
-    for trial in range(3):
-        grads = {"a": jnp.asarray(rng.normal(size=(5,)) * 10 ** (trial - 1), dtype),
+    # Eagerly one case; jitted (the same operations, compiled once) a few more.
+    for trial in range(1 if mode == "eager" else 2):
+        grads = {"a": jnp.asarray(rng.normal(size=(5,)) * 10 ** (2 * trial - 1), dtype),
                  "b": jnp.asarray(rng.normal(size=(2, 3)) * 30, dtype)}
-        for threshold in (0.1, 1.0, 7.0):
+        for threshold in (0.1,) if mode == "eager" else (0.1, 1.0, 7.0):
             out, _ = clip(name, threshold, grads, mode)
             chex.assert_trees_all_equal_shapes_and_dtypes(out, grads)
             # Checked in float64 against the float32 threshold; the only tolerance is
             # the float64 rounding of the reference norm itself.
             assert max(np_scope_norms(name, out)) <= float(np.float32(threshold)) * (1 + 1e-12)
+
+
+def test_where_optax_clip_by_global_norm_differs():
+    """The differences the README's comparison table states, checked on optax itself."""
+    theirs, ours = optax.clip_by_global_norm(1.0), oc.clip_by_global_norm(1.0)
+
+    def both(grads):
+        return (theirs.update(grads, theirs.init(grads))[0],
+                ours.update(grads, ours.init(grads))[0])
+
+    # 1e20 entries: optax's squared norm overflows to inf and the update becomes zeros.
+    optax_out, out = both({"a": jnp.array([1e20, 1e20])})
+    np.testing.assert_array_equal(optax_out["a"], [0.0, 0.0])
+    np.testing.assert_allclose(out["a"], [math.sqrt(0.5)] * 2, rtol=1e-6)
+    # An inf entry: optax zeroes the finite entries; optaxclip makes every entry NaN.
+    optax_out, out = both({"a": jnp.array([3.0, 4.0]), "b": jnp.array([INF, 1.0])})
+    np.testing.assert_array_equal(optax_out["a"], [0.0, 0.0])
+    assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(out))
+    # jax.grad at zero gradients: NaN through optax, finite through optaxclip.
+    zeros = {"a": jnp.zeros(2)}
+    for tx, finite in ((theirs, False), (ours, True)):
+        grad = jax.grad(lambda g, tx=tx: jnp.sum(tx.update(g, tx.init(g))[0]["a"]))(zeros)
+        assert bool(jnp.all(jnp.isfinite(grad["a"]))) == finite
+    # optax keeps no state, so there is nothing to log.
+    assert theirs.init(zeros) == optax.EmptyState()
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        oc.clip_by_value,
+        oc.clip_by_norm,
+        oc.clip_by_global_norm,
+        oc.clip_by_block_rms,
+    ],
+)
+def test_nan_traced_threshold_poisons_output_and_stats(factory):
+    # A NaN from a broken schedule must never let gradients through unclipped.
+    grads = {"w": jnp.array([3.0, -4.0, 0.5]), "b": jnp.array([0.1])}
+    tx = factory(lambda count: jnp.float32(jnp.nan))
+    out, state = jax.jit(tx.update)(grads, tx.init(grads))
+    for leaf in jax.tree.leaves(out):
+        assert bool(jnp.all(jnp.isnan(leaf)))
+    recorded = oc.stats(state)
+    name = factory.__name__
+    assert bool(jnp.isnan(recorded[f"{name}/scale"]))
+    assert bool(recorded[f"{name}/clipped"])

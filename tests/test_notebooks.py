@@ -60,7 +60,6 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("OPTAXCLIP_NOTEBOOK_SIZE", "small")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = load(name)
     # one extra cell, in this in-memory copy only: which interpreter ran the kernel
     notebook.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
@@ -72,5 +71,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     assert not [out for out in outputs if out.output_type == "error"]
     text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
     assert "devices: [" in text
+    assert any(out.output_type == "display_data" and "image/png" in out.data
+               for out in outputs), "no plot was drawn"
     executable = notebook.cells[-1].outputs[0].text.strip()
     assert os.path.realpath(executable) == os.path.realpath(sys.executable)
