@@ -17,6 +17,9 @@ norms, and unit-wise norms over chosen axes. The rules are the same everywhere:
   guarded so that ``jax.grad`` through a clipper at zero gradients is finite.
 * With ``axis_name``, the p-th power sums (or maxima, for ``inf``) are reduced
   across shards, so the norm covers the whole sharded tree.
+* Subnormal entries (below ``1.2e-38`` in float32) count as 0: XLA flushes them
+  to zero on CPU and GPU before any rescaling can rescue them. Every normal
+  float, however small or large, is handled.
 """
 
 from __future__ import annotations
