@@ -90,27 +90,44 @@ def _path_label(entry: Any) -> tuple[str, bool]:
     return str(getattr(entry, "key", entry)), False
 
 
+def _is_global(norm: Any) -> bool:
+    """Whether ``norm`` is one global scalar rather than a tree shaped like the params.
+
+    A bare scalar is global, also inside array wrappers such as nnx variables
+    (their key paths hold attribute keys only). A tree with dict or sequence keys
+    is per-leaf even when it has a single leaf, so a per-leaf clipper reports the
+    same keys whatever the number of leaves.
+    """
+    entries = jax.tree_util.tree_flatten_with_path(norm)[0]
+    if len(entries) != 1:
+        return False
+    path, value = entries[0]
+    containers = (jax.tree_util.DictKey, jax.tree_util.SequenceKey)
+    return jnp.ndim(value) == 0 and not any(isinstance(key, containers) for key in path)
+
+
 def _summaries(stats: ClipStats, per_leaf: bool) -> dict[str, Array]:
     """Scalars for one ClipStats; per-leaf and unit-wise stats are summarised."""
     norms = jax.tree.leaves(stats.norm)
     scales = jax.tree.leaves(stats.scale)
     clipped = jax.tree.leaves(stats.clipped)
-    # A bare scalar is one global norm; a tree (even of one leaf) is per-leaf, so a
-    # per-leaf clipper reports the same keys whatever the number of leaves.
-    single = jax.tree_util.treedef_is_leaf(jax.tree.structure(stats.norm))
+    # Reading through tree.leaves also unwraps array containers such as the
+    # variables nnx.Optimizer keeps its state in.
+    (threshold,) = jax.tree.leaves(stats.threshold)
+    single = _is_global(stats.norm)
     if single and len(norms) == 1 and jnp.ndim(norms[0]) == 0:
         return {
             "norm": norms[0],
-            "threshold": stats.threshold,
+            "threshold": threshold,
             "scale": scales[0],
             "clipped": clipped[0],
         }
     if not norms:
-        return {"threshold": stats.threshold}
+        return {"threshold": threshold}
     flat = lambda xs: jnp.concatenate([jnp.ravel(x) for x in xs])
     norm_values, clipped_values = flat(norms), flat(clipped)
     # max propagates NaN, so a single non-finite leaf shows in the summary.
-    out = {"norm": jnp.max(norm_values), "threshold": stats.threshold}
+    out = {"norm": jnp.max(norm_values), "threshold": threshold}
     out["scale"] = jnp.min(flat(scales))
     out["clipped"] = jnp.any(clipped_values)
     out["clipped_fraction"] = jnp.mean(clipped_values.astype(jnp.float32))

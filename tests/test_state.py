@@ -272,3 +272,24 @@ def test_flax_serialization_round_trip_continues_bit_identically():
                             jax.tree.leaves((updates, oc.stats(candidate)))):
                 np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8),
                                               np.atleast_1d(b).view(np.uint8))
+
+
+def test_stats_unwraps_nnx_optimizer_state():
+    # nnx.Optimizer keeps its optax state in variables; every stats value must still
+    # come out as a plain array, the threshold included.
+    from flax import nnx
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(
+        model, optax.chain(oc.clip_by_global_norm(1.0), optax.sgd(0.1)), wrt=nnx.Param
+    )
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.full((1, 3), 10.0)) ** 2))(model)
+    optimizer.update(model, grads)
+    recorded = oc.stats(optimizer.opt_state)
+    assert set(recorded) == {
+        f"clip_by_global_norm/{field}" for field in ("norm", "threshold", "scale", "clipped")
+    }
+    for value in recorded.values():
+        assert isinstance(value, jax.Array), type(value)
+    assert float(recorded["clip_by_global_norm/threshold"]) == 1.0
+    assert float(recorded["clip_by_global_norm/norm"]) > 1.0

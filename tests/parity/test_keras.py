@@ -16,27 +16,12 @@ gap to plain ``optax.adam`` is the epsilon alone.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
-import os
 
 import pytest
+from _parity import require  # noqa: E402
 
-
-def _require(module_name: str):
-    """Imports a parity library; skips without it, but fails under CI."""
-    try:
-        return importlib.import_module(module_name)
-    except ImportError as error:
-        hint = "install the test extra: pip install -e '.[test]'"
-        if os.environ.get("CI"):
-            raise ImportError(
-                f"{module_name} is needed by the parity tests, which never skip in CI; {hint}"
-            ) from error
-        pytest.skip(f"{module_name} is not installed; {hint}", allow_module_level=True)
-
-
-keras = _require("keras")
+keras = require("keras")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
