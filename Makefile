@@ -19,7 +19,7 @@ $(STAMP): $(PY) pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check optaxclip tests examples benchmarks
+	$(PY) -m ruff check optaxclip tests examples benchmarks notebooks
 	$(PY) -m pytest -n 2 --dist loadfile -q
 
 demo: $(STAMP)
@@ -32,7 +32,7 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run --quick
 
 lint: $(STAMP)
-	$(PY) -m ruff check optaxclip tests examples benchmarks
+	$(PY) -m ruff check optaxclip tests examples benchmarks notebooks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
