@@ -19,7 +19,7 @@ import functools
 import math
 
 import pytest
-from _parity import require  # noqa: E402
+from _parity import clip_once, require  # noqa: E402
 
 keras = require("keras")
 
@@ -306,15 +306,6 @@ def keras_clip(grads, **clip):
     return [x.copy() for x in _KERAS_CLIP_CACHE[key]]
 
 
-def optaxclip_clip(tx, grads, *, jit: bool):
-    def apply(grads):
-        out, state = tx.update(grads, tx.init(grads))
-        return out, oc.stats(state)
-
-    out, stats = (jax.jit(apply) if jit else apply)([jnp.asarray(g) for g in grads])
-    return [np.asarray(g) for g in out], {k: np.asarray(v) for k, v in stats.items()}
-
-
 @functools.cache
 def _jitted_clipper(clip_name: str):
     """One compiled clipper per kind; the threshold is a traced argument."""
@@ -331,7 +322,7 @@ def optaxclip_keras_clip(clip_name: str, threshold: float, grads, *, jit: bool):
     """The optaxclip clipper matching Keras ``clip_name``: jitted with a traced
     threshold, or eagerly with a static one."""
     if not jit:
-        return optaxclip_clip(CLIPPERS[clip_name](threshold), grads, jit=False)
+        return clip_once(CLIPPERS[clip_name](threshold), grads, jit=False)
     out, stats = _jitted_clipper(clip_name)(
         [jnp.asarray(g) for g in grads], jnp.float32(threshold)
     )
@@ -404,7 +395,7 @@ def test_zero_threshold_turns_clipping_off_as_in_keras(clip_name):
     grads = _special_grads(5.0)
     theirs = keras_clip(grads, **{clip_name: 0.0})
     tx = oc.clipped(optax.sgd(1.0), **{clip_name: 0.0})
-    ours, _ = optaxclip_clip(tx, grads, jit=True)
+    ours, _ = clip_once(tx, grads, jit=True)
     for x, y, g in zip(ours, theirs, grads):
         np.testing.assert_array_equal(y, g)
         np.testing.assert_array_equal(-x, g)

@@ -13,7 +13,7 @@ import functools
 import math
 
 import pytest
-from _parity import require  # noqa: E402
+from _parity import clip_once, require  # noqa: E402
 
 torch = require("torch")
 
@@ -58,15 +58,6 @@ def torch_clip_norm(grads, max_norm, norm_type, **kwargs):
     return [p.grad.numpy() for p in params], total
 
 
-def optaxclip_apply(tx, grads, *, jit: bool):
-    def apply(grads):
-        out, state = tx.update(grads, tx.init(grads))
-        return out, oc.stats(state)
-
-    out, stats = (jax.jit(apply) if jit else apply)([jnp.asarray(g) for g in grads])
-    return [np.asarray(g) for g in out], {k: np.asarray(v) for k, v in stats.items()}
-
-
 @functools.cache
 def _jitted_global_clip(norm_type: float, eps: float):
     """One compiled global clip per order; the threshold is a traced argument."""
@@ -83,7 +74,7 @@ def optaxclip_global_clip(grads, max_norm, norm_type, *, jit: bool, eps: float =
     """clip_by_global_norm: jitted with a traced threshold, or eagerly with a static one."""
     if not jit:
         tx = oc.clip_by_global_norm(max_norm, ord=norm_type, eps=eps)
-        return optaxclip_apply(tx, grads, jit=False)
+        return clip_once(tx, grads, jit=False)
     out, stats = _jitted_global_clip(norm_type, eps)(
         [jnp.asarray(g) for g in grads], jnp.float32(max_norm)
     )
@@ -130,7 +121,7 @@ def test_clip_grad_norm_without_eps_differs_only_at_the_threshold():
     grads = _grads()
     max_norm = float(np.float32(_numpy_norm(grads, 2.0)))
     theirs, _ = torch_clip_norm(grads, max_norm, 2.0)
-    ours, stats = optaxclip_apply(oc.clip_by_global_norm(max_norm), grads, jit=True)
+    ours, stats = clip_once(oc.clip_by_global_norm(max_norm), grads, jit=True)
     assert not stats["clip_by_global_norm/clipped"]
     for x, y, g in zip(ours, theirs, grads):
         np.testing.assert_array_equal(x, g)
@@ -144,7 +135,7 @@ def test_clip_grads_with_norm_is_the_same_coefficient():
     params = _torch_params(grads)
     total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
     torch.nn.utils.clip_grads_with_norm_(params, 0.5, total)
-    ours, stats = optaxclip_apply(oc.clip_by_global_norm(0.5, eps=TORCH_EPS), grads, jit=True)
+    ours, stats = clip_once(oc.clip_by_global_norm(0.5, eps=TORCH_EPS), grads, jit=True)
     np.testing.assert_allclose(stats["clip_by_global_norm/norm"], float(total), rtol=2e-6)
     for x, param in zip(ours, params):
         np.testing.assert_allclose(x, param.grad.numpy(), rtol=4e-6, atol=1e-9)
@@ -161,7 +152,7 @@ def test_clip_grad_value_matches_torch_exactly(clip_value, jit):
     grads[1][:2] = [-0.5, 0.49999997]
     params = _torch_params(grads)
     torch.nn.utils.clip_grad_value_(params, clip_value)
-    ours, stats = optaxclip_apply(oc.clip_by_value(clip_value), grads, jit=jit)
+    ours, stats = clip_once(oc.clip_by_value(clip_value), grads, jit=jit)
     for x, param in zip(ours, params):
         np.testing.assert_array_equal(x, param.grad.numpy())  # NaN where torch has NaN
     assert np.isnan(stats["clip_by_value/norm"])  # a NaN entry shows in the stats
@@ -195,7 +186,7 @@ def test_total_norm_overflow_and_underflow_torch_vs_optaxclip():
 
     theirs, _ = torch_clip_norm(huge, 1.0, 2.0)
     assert np.all(theirs[0] == 0) and np.all(theirs[1] == 0)  # silently zeroed
-    ours, stats = optaxclip_apply(oc.clip_by_global_norm(1.0, eps=TORCH_EPS), huge, jit=True)
+    ours, stats = clip_once(oc.clip_by_global_norm(1.0, eps=TORCH_EPS), huge, jit=True)
     np.testing.assert_allclose(_numpy_norm(ours, 2.0), 1.0, rtol=1e-5)
     np.testing.assert_allclose(ours[1], [0.3 / math.sqrt(1.09)], rtol=1e-5)
     assert stats["clip_by_global_norm/clipped"]
