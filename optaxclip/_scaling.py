@@ -79,6 +79,38 @@ def validate_eps(eps: Any, name: str = "eps") -> Any:
     return float(eps)
 
 
+def validate_int(value: Any, name: str, *, minimum: int = 1) -> int:
+    """A static integer hyperparameter ``>= minimum`` (bools refused), as ``int``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}.")
+    return int(value)
+
+
+def validate_real(
+    value: Any,
+    name: str,
+    *,
+    low: float,
+    high: float,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+) -> float:
+    """A static real hyperparameter inside ``[low, high]`` (ends open as asked), as ``float``."""
+    number = None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+        above = low < number if low_open else low <= number
+        below = number < high if high_open else number <= high
+        if not (above and below):
+            number = None
+    if number is None:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        suffix = f" {hint}" if hint else ""
+        raise ValueError(f"{name} must be a number in {interval}; got {value!r}.{suffix}")
+    return number
+
+
 def threshold_at(value: Threshold, count: Array) -> Array:
     """The threshold for step ``count`` as a float32 (or wider) scalar, clamped at 0."""
     if callable(value) and not hasattr(value, "dtype"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -40,20 +39,6 @@ class AdaGCState(NamedTuple):
 
 
 _state.register_state(AdaGCState, "adagc", extra_fields=("global_norm",))
-
-
-def _combine(leaf_norms: list[Array]) -> Array:
-    """The global 2-norm from per-leaf 2-norms, without overflow for huge norms."""
-    if not leaf_norms:
-        return jnp.zeros([], jnp.float32)
-    norms = jnp.stack(leaf_norms).astype(jnp.float32)
-    largest = jnp.max(norms)
-    usable = (largest > 0) & (largest < jnp.inf)
-    divisor = jnp.where(usable, largest, 1)
-    # usable implies a positive sum; the guard keeps jax.grad finite at zero.
-    power_sum = jnp.sum(jnp.square(norms / divisor))
-    combined = divisor * jnp.sqrt(jnp.where(usable, power_sum, 1))
-    return jnp.where(usable, combined, largest)
 
 
 def adagc(
@@ -133,16 +118,9 @@ def adagc(
     """
     _scaling.validate_threshold(lambda_rel, "lambda_rel")
     _scaling.validate_threshold(lambda_abs, "lambda_abs")
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 1:
-        raise ValueError(f"beta must be a number in [0, 1); got {beta!r}. Try 0.98.")
-    if (
-        isinstance(warmup_steps, bool)
-        or not isinstance(warmup_steps, numbers.Integral)
-        or warmup_steps < 1
-    ):
-        raise ValueError(f"warmup_steps must be an int >= 1; got {warmup_steps!r}.")
+    beta = _scaling.validate_real(beta, "beta", low=0.0, high=1.0, high_open=True, hint="Try 0.98.")
+    warmup_steps = _scaling.validate_int(warmup_steps, "warmup_steps")
     axis_name = _norms.validate_axis_name(axis_name)
-    beta, warmup_steps = float(beta), int(warmup_steps)
 
     def init_fn(params: Any) -> AdaGCState:
         zero = jnp.zeros([], jnp.int32)
@@ -162,7 +140,7 @@ def adagc(
         positions = [i for i, g in enumerate(leaves) if is_float_leaf(g)]
         norms = _norms.unit_norms([leaves[i] for i in positions], 2, axis_name=axis_name)
         norms = [n.astype(jnp.float32) for n in norms]
-        global_norm = _combine(norms)
+        global_norm = _norms.global_norm(norms)
         in_warmup = state.num_warmup < warmup_steps
         absolute = _scaling.threshold_at(lambda_abs, state.count).astype(jnp.float32)
         relative = _scaling.threshold_at(lambda_rel, state.count).astype(jnp.float32)

@@ -342,15 +342,10 @@ def autoclip(
       Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive Gradient
       Clipping for Source Separation Networks", MLSP 2020.
     """
-    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not (
-        0.0 <= float(percentile) <= 100.0
-    ):
-        raise ValueError(f"percentile must be a number in [0, 100]; got {percentile!r}.")
-    if isinstance(history, bool) or not isinstance(history, numbers.Integral) or history < 1:
-        raise ValueError(f"history must be an int >= 1 (norms kept); got {history!r}.")
+    percentile = _scaling.validate_real(percentile, "percentile", low=0.0, high=100.0)
+    history = _scaling.validate_int(history, "history")
     if max_norm is not None:
         _scaling.validate_threshold(max_norm, "max_norm")
-    percentile, history = float(percentile), int(history)
     axis_name = _norms.validate_axis_name(axis_name)
     cap = math.inf if max_norm is None else max_norm
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _state
+from optaxclip import _norms, _scaling, _state
 from optaxclip._norms import AxisName
 
 Array = jax.Array
@@ -320,19 +320,16 @@ def skip_on_spike(
       Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", JMLR
       2023 (skipping batches around loss spikes).
     """
-    for name, value, low in (("window", window, 1), ("min_history", min_history, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}; got {value!r}.")
+    window = _scaling.validate_int(window, "window")
+    min_history = _scaling.validate_int(min_history, "min_history")
     if min_history > window:
         raise ValueError(
             f"min_history ({min_history}) must be <= window ({window}): the window "
             f"can never hold that many norms."
         )
-    if isinstance(z, bool) or not isinstance(z, numbers.Real) or not 0 < z < math.inf:
-        raise ValueError(f"z must be a finite number > 0; got {z!r}.")
+    z = _scaling.validate_real(z, "z", low=0.0, high=math.inf, low_open=True, high_open=True)
     max_skips = _check_max_skips(max_consecutive_skips)
     axis_name = _norms.validate_axis_name(axis_name)
-    window, min_history, z = int(window), int(min_history), float(z)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> SkipOnSpikeState:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -43,17 +42,6 @@ class ZClipState(NamedTuple):
 
 
 _state.register_state(ZClipState, "zclip", extra_fields=("ema_mean", "ema_var"))
-
-
-def _check_number(value: Any, name: str, low: float, high: float, *, open_low: bool) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok:
-        number = float(value)
-        ok = (low < number if open_low else low <= number) and number <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}]; got {value!r}.")
-    return number
 
 
 def zclip(
@@ -142,23 +130,18 @@ def zclip(
       Kumar, Owen, Chowdhury and Güra, "ZClip: Adaptive Spike Mitigation for LLM
       Pre-Training", 2025.
     """
-    alpha = _check_number(alpha, "alpha", 0.0, 1.0, open_low=False)
-    if alpha == 1.0:
-        raise ValueError("alpha must be < 1, or the EMAs never move; got 1.0. Try 0.97.")
-    z_thresh = _check_number(z_thresh, "z_thresh", 0.0, math.inf, open_low=True)
-    if (
-        isinstance(warmup_steps, bool)
-        or not isinstance(warmup_steps, numbers.Integral)
-        or warmup_steps < 1
-    ):
-        raise ValueError(f"warmup_steps must be an int >= 1; got {warmup_steps!r}.")
+    alpha = _scaling.validate_real(
+        alpha, "alpha", low=0.0, high=1.0, high_open=True,
+        hint="At 1 the EMAs never move. Try 0.97.",
+    )
+    z_thresh = _scaling.validate_real(z_thresh, "z_thresh", low=0.0, high=math.inf, low_open=True)
+    warmup_steps = _scaling.validate_int(warmup_steps, "warmup_steps")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}; got {mode!r}.")
     if max_norm is not None:
         _scaling.validate_threshold(max_norm, "max_norm")
     eps = _scaling.validate_eps(eps)
     axis_name = _norms.validate_axis_name(axis_name)
-    warmup_steps = int(warmup_steps)
     cap = math.inf if max_norm is None else max_norm
 
     def init_fn(params: Any) -> ZClipState:
