@@ -26,61 +26,18 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from optaxclip._validate import AxisName, validate_axis_name, validate_ord
+
 Array = jax.Array
-AxisName = Union[str, tuple[str, ...], None]
 
-__all__ = ["global_norm", "leaf_norms", "unit_norms", "validate_ord", "is_float_leaf"]
-
-
-def validate_ord(ord: Any, *, name: str = "ord") -> float:
-    """Returns ``ord`` as a float (``None`` means 2), or raises ``ValueError``.
-
-    The order picks the code path, so it must be static. ``None`` is the default
-    rather than 2 so that ``optax.inject_hyperparams``, which injects every numeric
-    default as a traced array, leaves it alone.
-    """
-    if ord is None:
-        return 2.0
-    if isinstance(ord, jax.core.Tracer):
-        raise ValueError(
-            f"{name} must be a static Python number, but it was traced. With "
-            f"optax.inject_hyperparams, pass static_args=('{name}',)."
-        )
-    if hasattr(ord, "shape") and np.shape(ord) == ():
-        ord = np.asarray(ord).item()
-    if isinstance(ord, bool) or not isinstance(ord, numbers.Real):
-        raise ValueError(
-            f"{name} must be a number: 1, 2, inf or any float p > 0; got {ord!r} "
-            f"of type {type(ord).__name__}. Pass e.g. {name}=2 for the Euclidean norm."
-        )
-    p = float(ord)
-    if math.isnan(p) or p <= 0:
-        raise ValueError(
-            f"{name} must be 1, 2, inf or any float p > 0; got {ord!r}. "
-            f"Use {name}=2 for the Euclidean norm or {name}=float('inf') for the max norm."
-        )
-    return p
-
-
-def validate_axis_name(axis_name: Any) -> AxisName:
-    """Checks that ``axis_name`` is None, a string, or a tuple of strings."""
-    if axis_name is None or isinstance(axis_name, str):
-        return axis_name
-    if isinstance(axis_name, (tuple, list)) and all(isinstance(a, str) for a in axis_name):
-        return tuple(axis_name)
-    raise ValueError(
-        f"axis_name must be None, a mesh axis name (str) or a tuple of names; got "
-        f"{axis_name!r}. Pass the name used in shard_map/pmap, e.g. axis_name='data'."
-    )
+__all__ = ["global_norm", "leaf_norms", "unit_norms", "is_float_leaf"]
 
 
 def is_float_leaf(x: Any) -> bool:

@@ -14,101 +14,17 @@ callable of the clipper's own step count.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from optaxclip._norms import accumulation_dtype, is_float_leaf
 
 Array = jax.Array
 Threshold = Union[float, Array, Callable[[Array], Any]]
-
-
-def _is_tracer(value: Any) -> bool:
-    return isinstance(value, jax.core.Tracer)
-
-
-def validate_threshold(value: Any, name: str) -> None:
-    """Raises ``ValueError`` naming ``name`` for a static threshold that is invalid."""
-    if callable(value) and not hasattr(value, "dtype"):
-        return  # a schedule: its values are traced and clamped at update time
-    if _is_tracer(value):
-        return
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a non-negative number, not a bool ({value!r}).")
-    if isinstance(value, numbers.Real):
-        number = float(value)
-    elif hasattr(value, "dtype") and hasattr(value, "shape"):
-        if np.shape(value) != ():
-            raise ValueError(
-                f"{name} must be a scalar; got an array of shape {np.shape(value)}. "
-                f"Pass one threshold, e.g. {name}=1.0."
-            )
-        if not jnp.issubdtype(value.dtype, jnp.floating) and not jnp.issubdtype(
-            value.dtype, jnp.integer
-        ):
-            raise ValueError(f"{name} must be a real number; got dtype {value.dtype}.")
-        number = float(np.asarray(value, dtype=np.float64))
-    else:
-        raise ValueError(
-            f"{name} must be a non-negative float, a scalar array or a schedule "
-            f"(a callable of the step count); got {value!r} of type {type(value).__name__}."
-        )
-    if math.isnan(number) or number < 0:
-        raise ValueError(
-            f"{name} must be >= 0 (0 zeroes the gradients, inf disables clipping); "
-            f"got {number!r}."
-        )
-
-
-def validate_eps(eps: Any, name: str = "eps") -> Any:
-    """A concrete ``eps`` must be finite and >= 0; a traced one is used as given."""
-    if _is_tracer(eps):
-        return eps
-    if hasattr(eps, "shape") and np.shape(eps) == ():
-        eps = np.asarray(eps).item()
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise ValueError(f"{name} must be a non-negative float; got {eps!r}.")
-    if not math.isfinite(float(eps)) or eps < 0:
-        raise ValueError(f"{name} must be finite and >= 0; got {eps!r}. Use {name}=0.0.")
-    return float(eps)
-
-
-def validate_int(value: Any, name: str, *, minimum: int = 1) -> int:
-    """A static integer hyperparameter ``>= minimum`` (bools refused), as ``int``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}.")
-    return int(value)
-
-
-def validate_real(
-    value: Any,
-    name: str,
-    *,
-    low: float,
-    high: float,
-    low_open: bool = False,
-    high_open: bool = False,
-    hint: str = "",
-) -> float:
-    """A static real hyperparameter inside ``[low, high]`` (ends open as asked), as ``float``."""
-    number = None
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        number = float(value)
-        above = low < number if low_open else low <= number
-        below = number < high if high_open else number <= high
-        if not (above and below):
-            number = None
-    if number is None:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        suffix = f" {hint}" if hint else ""
-        raise ValueError(f"{name} must be a number in {interval}; got {value!r}.{suffix}")
-    return number
 
 
 def threshold_at(value: Threshold, count: Array) -> Array:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _scaling, _state
+from optaxclip import _norms, _scaling, _state, _validate
 from optaxclip._norms import AxisName, is_float_leaf
 from optaxclip._state import ClipStats
 
@@ -116,11 +116,13 @@ def adagc(
       Wang, Li, Chen, Zeng, Yang, Sun, Ma, Yu and Shen, "AdaGC: Improving
       Training Stability for Large Language Model Pretraining", 2025.
     """
-    _scaling.validate_threshold(lambda_rel, "lambda_rel")
-    _scaling.validate_threshold(lambda_abs, "lambda_abs")
-    beta = _scaling.validate_real(beta, "beta", low=0.0, high=1.0, high_open=True, hint="Try 0.98.")
-    warmup_steps = _scaling.validate_int(warmup_steps, "warmup_steps")
-    axis_name = _norms.validate_axis_name(axis_name)
+    _validate.validate_threshold(lambda_rel, "lambda_rel")
+    _validate.validate_threshold(lambda_abs, "lambda_abs")
+    beta = _validate.validate_real(
+        beta, "beta", low=0.0, high=1.0, high_open=True, hint="Try 0.98."
+    )
+    warmup_steps = _validate.validate_int(warmup_steps, "warmup_steps")
+    axis_name = _validate.validate_axis_name(axis_name)
 
     def init_fn(params: Any) -> AdaGCState:
         zero = jnp.zeros([], jnp.int32)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _scaling, _state
+from optaxclip import _norms, _scaling, _state, _validate
 from optaxclip._norms import AxisName, is_float_leaf
 from optaxclip._scaling import Threshold
 from optaxclip._state import ClipStats
@@ -199,10 +199,10 @@ def adaptive_grad_clip(
       Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image
       Recognition Without Normalization", ICML 2021.
     """
-    _scaling.validate_threshold(clipping, "clipping")
-    eps = _scaling.validate_eps(eps)
+    _validate.validate_threshold(clipping, "clipping")
+    eps = _validate.validate_eps(eps)
     kept = _validate_axis(axis)
-    axis_name = _norms.validate_axis_name(axis_name)
+    axis_name = _validate.validate_axis_name(axis_name)
 
     def init_fn(params: Any) -> AdaptiveGradClipState:
         count = jnp.zeros([], jnp.int32)
@@ -342,11 +342,11 @@ def autoclip(
       Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive Gradient
       Clipping for Source Separation Networks", MLSP 2020.
     """
-    percentile = _scaling.validate_real(percentile, "percentile", low=0.0, high=100.0)
-    history = _scaling.validate_int(history, "history")
+    percentile = _validate.validate_real(percentile, "percentile", low=0.0, high=100.0)
+    history = _validate.validate_int(history, "history")
     if max_norm is not None:
-        _scaling.validate_threshold(max_norm, "max_norm")
-    axis_name = _norms.validate_axis_name(axis_name)
+        _validate.validate_threshold(max_norm, "max_norm")
+    axis_name = _validate.validate_axis_name(axis_name)
     cap = math.inf if max_norm is None else max_norm
 
     def init_fn(params: Any) -> AutoClipState:

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _scaling, _state
+from optaxclip import _norms, _scaling, _state, _validate
 from optaxclip._norms import AxisName, is_float_leaf
 from optaxclip._scaling import Threshold
 from optaxclip._state import ClipStats
@@ -172,7 +172,7 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
     References:
       Mikolov, "Statistical Language Models Based on Neural Networks", PhD thesis, 2012.
     """
-    _scaling.validate_threshold(max_delta, "max_delta")
+    _validate.validate_threshold(max_delta, "max_delta")
 
     def clip(updates: Any, threshold: Array) -> tuple[Any, ClipStats]:
         def clip_leaf(g: Any) -> Any:
@@ -275,9 +275,9 @@ def clip_by_norm(
       Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
       neural networks", ICML 2013.
     """
-    _scaling.validate_threshold(max_norm, "max_norm")
-    p = _norms.validate_ord(ord)
-    axis_name = _norms.validate_axis_name(axis_name)
+    _validate.validate_threshold(max_norm, "max_norm")
+    p = _validate.validate_ord(ord)
+    axis_name = _validate.validate_axis_name(axis_name)
 
     def clip(updates: Any, threshold: Array) -> tuple[Any, ClipStats]:
         norms = _norms.leaf_norms(updates, p, axis_name=axis_name)
@@ -368,10 +368,10 @@ def clip_by_global_norm(
       Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
       neural networks", ICML 2013.
     """
-    _scaling.validate_threshold(max_norm, "max_norm")
-    p = _norms.validate_ord(ord)
-    eps = _scaling.validate_eps(eps)
-    axis_name = _norms.validate_axis_name(axis_name)
+    _validate.validate_threshold(max_norm, "max_norm")
+    p = _validate.validate_ord(ord)
+    eps = _validate.validate_eps(eps)
+    axis_name = _validate.validate_axis_name(axis_name)
 
     def clip(updates: Any, threshold: Array) -> tuple[Any, ClipStats]:
         norm = _norms.global_norm(updates, p, axis_name=axis_name)
@@ -426,7 +426,7 @@ def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformationExtra
       Shazeer and Stern, "Adafactor: Adaptive Learning Rates with Sublinear
       Memory Cost", ICML 2018.
     """
-    _scaling.validate_threshold(threshold, "threshold")
+    _validate.validate_threshold(threshold, "threshold")
 
     def clip(updates: Any, limit: Array) -> tuple[Any, ClipStats]:
         norms = _norms.leaf_norms(updates, 2)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _scaling, _state
+from optaxclip import _norms, _state, _validate
 from optaxclip._norms import AxisName
 
 Array = jax.Array
@@ -204,7 +204,7 @@ def skip_nonfinite(
       whose gradients overflowed).
     """
     max_skips = _check_max_skips(max_consecutive_skips)
-    axis_name = _norms.validate_axis_name(axis_name)
+    axis_name = _validate.validate_axis_name(axis_name)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> SkipNonfiniteState:
@@ -320,16 +320,16 @@ def skip_on_spike(
       Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", JMLR
       2023 (skipping batches around loss spikes).
     """
-    window = _scaling.validate_int(window, "window")
-    min_history = _scaling.validate_int(min_history, "min_history")
+    window = _validate.validate_int(window, "window")
+    min_history = _validate.validate_int(min_history, "min_history")
     if min_history > window:
         raise ValueError(
             f"min_history ({min_history}) must be <= window ({window}): the window "
             f"can never hold that many norms."
         )
-    z = _scaling.validate_real(z, "z", low=0.0, high=math.inf, low_open=True, high_open=True)
+    z = _validate.validate_real(z, "z", low=0.0, high=math.inf, low_open=True, high_open=True)
     max_skips = _check_max_skips(max_consecutive_skips)
-    axis_name = _norms.validate_axis_name(axis_name)
+    axis_name = _validate.validate_axis_name(axis_name)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> SkipOnSpikeState:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _scaling, _state
+from optaxclip import _norms, _scaling, _state, _validate
 from optaxclip._norms import AxisName
 from optaxclip._state import ClipStats
 
@@ -130,18 +130,18 @@ def zclip(
       Kumar, Owen, Chowdhury and Güra, "ZClip: Adaptive Spike Mitigation for LLM
       Pre-Training", 2025.
     """
-    alpha = _scaling.validate_real(
+    alpha = _validate.validate_real(
         alpha, "alpha", low=0.0, high=1.0, high_open=True,
         hint="At 1 the EMAs never move. Try 0.97.",
     )
-    z_thresh = _scaling.validate_real(z_thresh, "z_thresh", low=0.0, high=math.inf, low_open=True)
-    warmup_steps = _scaling.validate_int(warmup_steps, "warmup_steps")
+    z_thresh = _validate.validate_real(z_thresh, "z_thresh", low=0.0, high=math.inf, low_open=True)
+    warmup_steps = _validate.validate_int(warmup_steps, "warmup_steps")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}; got {mode!r}.")
     if max_norm is not None:
-        _scaling.validate_threshold(max_norm, "max_norm")
-    eps = _scaling.validate_eps(eps)
-    axis_name = _norms.validate_axis_name(axis_name)
+        _validate.validate_threshold(max_norm, "max_norm")
+    eps = _validate.validate_eps(eps)
+    axis_name = _validate.validate_axis_name(axis_name)
     cap = math.inf if max_norm is None else max_norm
 
     def init_fn(params: Any) -> ZClipState:
