@@ -40,7 +40,7 @@ from jax import lax
 
 import optaxclip
 from optaxclip import _norms, _scaling, _state
-from optaxclip.fixed import ClipByGlobalNormState, _transformation
+from optaxclip.fixed import ClipByGlobalNormState
 
 Array = jax.Array
 NormFn = Callable[[list[Array]], Array]
@@ -150,14 +150,24 @@ def make_clip(
 ) -> optax.GradientTransformationExtraArgs:
     """A global-norm clipper with the library's state and stats, built from parts."""
 
-    def clip(updates: Any, threshold: Array) -> tuple[Any, Any]:
+    threshold = jnp.float32(max_norm)
+
+    def init_fn(params: Any) -> ClipByGlobalNormState:
+        del params
+        return ClipByGlobalNormState(
+            jnp.zeros([], jnp.int32), _state.ClipStats(jnp.zeros([]), threshold, jnp.ones([]))
+        )
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
         leaves = [jnp.asarray(x) for x in jax.tree.leaves(updates)]
         norm = norm_fn(leaves)
-        scale, clipped = _scaling.scale_factor(norm, threshold)
+        scale, _ = _scaling.scale_factor(norm, threshold)
         out = jax.tree.map(lambda g: apply_fn(g, scale), updates)
-        return out, _state.make_stats(norm, threshold, scale, clipped)
+        stats = _state.ClipStats(norm, threshold, scale)
+        return out, ClipByGlobalNormState(optax.safe_increment(state.count), stats)
 
-    return _transformation(ClipByGlobalNormState, max_norm, lambda _: jnp.zeros([]), clip)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def clip_by_global_norm_nostats(max_norm: float) -> optax.GradientTransformation:

@@ -6,18 +6,14 @@ gradients::
     tx = optax.chain(optaxclip.clip_by_global_norm(1.0), optax.adam(1e-3))
 """
 
+from optaxclip._clipper import ThresholdRule, fixed_threshold, make_clipper
 from optaxclip._norms import global_norm
+from optaxclip._registry import FactoryInfo, register_factory, registered_factories
+from optaxclip._spec import ClipSpec, spec_of
 from optaxclip._state import ClipStats, stats
-from optaxclip.adaptive import (
-    AdaGCState,
-    AdaptiveGradClipState,
-    AutoClipState,
-    ZClipState,
-    adagc,
-    adaptive_grad_clip,
-    autoclip,
-    zclip,
-)
+from optaxclip.adagc import AdaGCState, adagc
+from optaxclip.agc import AdaptiveGradClipState, adaptive_grad_clip
+from optaxclip.autoclip import AutoClipState, autoclip
 from optaxclip.fixed import (
     ClipByBlockRmsState,
     ClipByGlobalNormState,
@@ -37,21 +33,24 @@ from optaxclip.invariants import (
     checked,
 )
 from optaxclip.presets import clipped
+from optaxclip.rms import ClipByRmsState, clip_by_rms
+from optaxclip.zclip import ZClipState, zclip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # fixed thresholds
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
     "ClipByNormState",
+    "ClipByRmsState",
     "ClipByValueState",
-    "ClipStats",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_norm",
+    "clip_by_rms",
     "clip_by_value",
-    "global_norm",
-    "stats",
+    # adaptive thresholds
     "AdaGCState",
     "AdaptiveGradClipState",
     "AutoClipState",
@@ -60,14 +59,29 @@ __all__ = [
     "adaptive_grad_clip",
     "autoclip",
     "zclip",
+    # guards and presets
     "SkipNonfiniteState",
     "SkipOnSpikeState",
+    "clipped",
     "skip_nonfinite",
     "skip_on_spike",
+    # norms and stats
+    "ClipStats",
+    "global_norm",
+    "stats",
+    # invariants
     "OrderingError",
     "Stage",
     "assert_moments_bounded",
     "check_order",
     "checked",
-    "clipped",
+    # writing your own clipper
+    "ClipSpec",
+    "FactoryInfo",
+    "ThresholdRule",
+    "fixed_threshold",
+    "make_clipper",
+    "register_factory",
+    "registered_factories",
+    "spec_of",
 ]

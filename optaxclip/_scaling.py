@@ -45,7 +45,9 @@ def threshold_at(value: Threshold, count: Array) -> Array:
     return jnp.maximum(threshold, 0)
 
 
-def scale_factor(norm: Array, threshold: Array, eps: Any = 0.0) -> tuple[Array, Array]:
+def scale_factor(
+    norm: Array, threshold: Array, eps: Any = 0.0, *, strict_nonfinite: bool = False
+) -> tuple[Array, Array]:
     """Returns ``(scale, clipped)`` with ``scale = min(1, threshold / (norm + eps))``.
 
     * at or below the threshold the scale is exactly 1 (with ``eps > 0``, as in
@@ -57,6 +59,9 @@ def scale_factor(norm: Array, threshold: Array, eps: Any = 0.0) -> tuple[Array, 
       (which is what ``threshold / inf = 0`` would silently do);
     * the derivative is finite everywhere the norm is finite, zero included;
     * a NaN threshold gives NaN, so it never passes gradients through unclipped;
+    * with ``strict_nonfinite`` a non-finite norm gives NaN even when the
+      threshold is ``inf`` (adaptive clippers, whose ``inf`` means "no history
+      yet" rather than "never clip");
     * ``clipped`` is ``scale != 1``: whether the update is changed, so it is also
       true when a non-finite norm turns the output NaN.
     """
@@ -73,6 +78,8 @@ def scale_factor(norm: Array, threshold: Array, eps: Any = 0.0) -> tuple[Array, 
     # A NaN threshold (a broken schedule or injected value) must not pass the
     # gradients through unclipped: it poisons the output like a NaN norm does.
     scale = jnp.where(jnp.isnan(threshold), jnp.nan, scale)
+    if strict_nonfinite:
+        scale = jnp.where(jnp.isfinite(norm), scale, jnp.nan)
     return scale, scale != 1
 
 

@@ -1,82 +1,77 @@
-"""Clipper state, ``ClipStats``, and the ``stats()`` reader that walks any optax state.
+"""``ClipStats``, and the ``stats()`` reader that walks any optax state.
 
-Every clipper's state is a ``NamedTuple`` of arrays (so checkpoints round-trip it)
-holding a ``ClipStats``: what the clipper did on its last update. ``stats()``
-finds them anywhere in an optax state (chains, ``named_chain``,
-``inject_hyperparams``, ``masked``, ``multi_transform``, ``MultiSteps`` ...) and
+Every clipper's state is a ``NamedTuple`` of arrays (so checkpoints round-trip
+it) holding a ``ClipStats``: what the clipper did on its last update. The state
+class is registered with the clipper's ``ClipSpec``, so ``stats()`` knows each
+clipper's name, scope and extra fields without guessing. It finds clippers
+anywhere in an optax state (chains, ``named_chain``, ``inject_hyperparams``,
+``masked``, ``multi_transform``, ``MultiSteps``, ``nnx.Optimizer`` ...) and
 returns a flat ``dict[str, Array]`` for TensorBoard or W&B. It never recomputes
-a norm: it only reads what the update already stored.
+a norm: it only reads what the update stored.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from optaxclip import _spec
+
 Array = jax.Array
+
+__all__ = ["ClipStats", "register_report", "stats"]
 
 
 class ClipStats(NamedTuple):
     """What a clipper did on its last update.
 
-    For a global clipper every field is a scalar. For per-leaf clippers each field
-    is a tree shaped like the gradients (one scalar per leaf); unit-wise clippers
-    hold one value per unit.
+    For a global clipper every field is a scalar. For per-leaf and unit-wise
+    clippers ``norm`` and ``scale`` are trees shaped like the gradients (one
+    array per leaf: a scalar, or one value per unit or layer), and
+    ``threshold`` is either one scalar shared by all of them or a tree of the
+    same shape as ``norm`` (AGC's per-unit limits, AdaGC's per-tensor limits).
 
     Attributes:
-      norm: pre-clip norm(s), float32. NaN or inf when the gradients were not finite.
-      threshold: the threshold used this step, float32.
-      scale: the factor applied, in [0, 1]; NaN when the norm was not finite.
-      clipped: whether the update was changed: the scale was below 1, or NaN
-        because the norm was not finite.
+      norm: the pre-clip norm(s) in the clipper's own norm, accumulated in
+        float32 or wider (float64 for float64 gradients). NaN or inf when the
+        gradients were not finite.
+      threshold: the limit(s) the norm was compared with on this step.
+      scale: the factor each scope was multiplied by, in [0, 1]; NaN when a
+        non-finite norm poisoned the output. ``None`` for element-wise clipping,
+        which applies no common factor.
+      clipped: ``None`` for scaling clippers, where it is derived:
+        ``scale != 1`` (``stats()`` reports it). For element-wise clipping it
+        is stored: whether any entry was changed.
     """
 
     norm: Any
-    threshold: Array
-    scale: Any
-    clipped: Any
+    threshold: Any
+    scale: Any = None
+    clipped: Any = None
+
+    def was_clipped(self) -> Any:
+        """Whether the update was changed: a tree of bools shaped like ``norm``."""
+        if self.clipped is not None:
+            return self.clipped
+        return jax.tree.map(lambda s: jnp.asarray(s) != 1, self.scale)
 
 
-# state class -> (readable name, extra scalar fields that stats() reports)
-_REGISTRY: dict[type, tuple[str, tuple[str, ...]]] = {}
+# state class -> (name, fields reported as they are), for stats classes that are
+# not clippers (the guards' records).
+_REPORTS: dict[type, tuple[str, tuple[str, ...]]] = {}
 
 
-def register_state(cls: type, name: str, extra_fields: tuple[str, ...] = ()) -> type:
-    """Makes ``stats()`` report instances of ``cls`` under ``name``.
-
-    ``cls`` must be a NamedTuple with a ``stats: ClipStats`` field (clippers), or one
-    whose ``extra_fields`` are scalar arrays (guards). Returns ``cls`` so it can be
-    used as a decorator through ``functools.partial``.
-    """
-    _REGISTRY[cls] = (name, tuple(extra_fields))
+def register_report(cls: type, name: str, fields: tuple[str, ...]) -> type:
+    """Makes ``stats()`` report the scalar ``fields`` of every ``cls`` node under ``name``."""
+    _REPORTS[cls] = (name, tuple(fields))
     return cls
 
 
-def initial_stats(norm_like: Any, threshold: Array) -> ClipStats:
-    """Stats before the first update, with the structure later updates produce."""
-    zeros = jax.tree.map(lambda n: jnp.zeros_like(n, jnp.float32), norm_like)
-    return ClipStats(
-        norm=zeros,
-        threshold=jnp.asarray(threshold, jnp.float32),
-        scale=jax.tree.map(lambda n: jnp.ones_like(n, jnp.float32), norm_like),
-        clipped=jax.tree.map(lambda n: jnp.zeros_like(n, jnp.bool_), norm_like),
-    )
-
-
-def make_stats(norm: Any, threshold: Array, scale: Any, clipped: Any) -> ClipStats:
-    as_f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.float32), t)
-    return ClipStats(
-        norm=as_f32(norm),
-        threshold=jnp.asarray(threshold).astype(jnp.float32),
-        scale=as_f32(scale),
-        clipped=jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.bool_), clipped),
-    )
-
-
-def _is_registered(node: Any) -> bool:
-    return type(node) in _REGISTRY
+def _is_reported(node: Any) -> bool:
+    return _spec.spec_for_state(node) is not None or type(node) in _REPORTS
 
 
 def _path_label(entry: Any) -> tuple[str, bool]:
@@ -90,52 +85,105 @@ def _path_label(entry: Any) -> tuple[str, bool]:
     return str(getattr(entry, "key", entry)), False
 
 
-def _is_global(norm: Any) -> bool:
-    """Whether ``norm`` is one global scalar rather than a tree shaped like the params.
-
-    A bare scalar is global, also inside array wrappers such as nnx variables
-    (their key paths hold attribute keys only). A tree with dict or sequence keys
-    is per-leaf even when it has a single leaf, so a per-leaf clipper reports the
-    same keys whatever the number of leaves.
-    """
-    entries = jax.tree_util.tree_flatten_with_path(norm)[0]
-    if len(entries) != 1:
-        return False
-    path, value = entries[0]
-    containers = (jax.tree_util.DictKey, jax.tree_util.SequenceKey)
-    return jnp.ndim(value) == 0 and not any(isinstance(key, containers) for key in path)
+# Attribute names of array wrappers (nnx variables) that say nothing about a leaf.
+_WRAPPER_ATTRIBUTES = ("value", "raw_value")
 
 
-def _summaries(stats: ClipStats, per_leaf: bool) -> dict[str, Array]:
-    """Scalars for one ClipStats; per-leaf and unit-wise stats are summarised."""
-    norms = jax.tree.leaves(stats.norm)
-    scales = jax.tree.leaves(stats.scale)
-    clipped = jax.tree.leaves(stats.clipped)
+def _leaf_key(path: tuple) -> str:
+    labels = [_path_label(p)[0] for p in path]
+    while labels and isinstance(path[len(labels) - 1], jax.tree_util.GetAttrKey) and (
+        labels[-1] in _WRAPPER_ATTRIBUTES
+    ):
+        labels.pop()
+    return "/".join(labels) or "0"
+
+
+def _leaves(tree: Any) -> list[Array]:
     # Reading through tree.leaves also unwraps array containers such as the
     # variables nnx.Optimizer keeps its state in.
-    (threshold,) = jax.tree.leaves(stats.threshold)
-    single = _is_global(stats.norm)
-    if single and len(norms) == 1 and jnp.ndim(norms[0]) == 0:
-        return {
-            "norm": norms[0],
-            "threshold": threshold,
-            "scale": scales[0],
-            "clipped": clipped[0],
-        }
-    if not norms:
-        return {"threshold": threshold}
-    flat = lambda xs: jnp.concatenate([jnp.ravel(x) for x in xs])
-    norm_values, clipped_values = flat(norms), flat(clipped)
-    # max propagates NaN, so a single non-finite leaf shows in the summary.
-    out = {"norm": jnp.max(norm_values), "threshold": threshold}
-    out["scale"] = jnp.min(flat(scales))
-    out["clipped"] = jnp.any(clipped_values)
-    out["clipped_fraction"] = jnp.mean(clipped_values.astype(jnp.float32))
+    return [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _flat(values: list[Array]) -> Array:
+    return jnp.concatenate([jnp.ravel(x) for x in values])
+
+
+def _summaries(record: ClipStats, scope: str, per_leaf: bool) -> dict[str, Array]:
+    """Scalars for one ClipStats; per-leaf and unit-wise stats are summarised."""
+    norms = _leaves(record.norm)
+    thresholds = _leaves(record.threshold)
+    clipped = _leaves(record.was_clipped())
+    scales = None if record.scale is None else _leaves(record.scale)
+    if scope in ("global", "element"):
+        out = {"norm": norms[0], "threshold": thresholds[0]}
+        if scales is not None:
+            out["scale"] = scales[0]
+        out["clipped"] = clipped[0]
+        return out
+    out: dict[str, Array] = {}
+    if norms:
+        # max propagates NaN, so a single non-finite leaf shows in the summary.
+        out["norm"] = jnp.max(_flat(norms))
+    if _is_shared(record.threshold):
+        out["threshold"] = thresholds[0]
+    elif thresholds:
+        out["threshold_min"] = jnp.min(_flat(thresholds))
+        out["threshold_max"] = jnp.max(_flat(thresholds))
+    if norms:
+        out["scale"] = jnp.min(_flat(scales))
+        flags = _flat(clipped)
+        out["clipped"] = jnp.any(flags)
+        out["clipped_fraction"] = jnp.mean(flags.astype(jnp.float32))
     if per_leaf:
-        for path, value in jax.tree_util.tree_flatten_with_path(stats.norm)[0]:
-            key = "/".join(_path_label(p)[0] for p in path)
-            out[f"norm/{key}"] = value
+        out.update(_per_leaf(record, scales is not None))
     return out
+
+
+def _is_shared(threshold: Any) -> bool:
+    """Whether ``threshold`` is one scalar (possibly in an array wrapper), not a tree."""
+    entries = jax.tree_util.tree_flatten_with_path(threshold)[0]
+    containers = (jax.tree_util.DictKey, jax.tree_util.SequenceKey)
+    return len(entries) == 1 and jnp.ndim(entries[0][1]) == 0 and not any(
+        isinstance(key, containers) for key in entries[0][0]
+    )
+
+
+def _per_leaf(record: ClipStats, has_scale: bool) -> dict[str, Array]:
+    """``leaves/<leaf path>/<field>`` entries; per-unit values are summarised per leaf."""
+    out = {}
+    norm_entries = jax.tree_util.tree_flatten_with_path(record.norm)[0]
+    thresholds = None if _is_shared(record.threshold) else jax.tree.leaves(record.threshold)
+    scales = jax.tree.leaves(record.scale) if has_scale else None
+    flags = jax.tree.leaves(record.was_clipped())
+    for index, (path, norm) in enumerate(norm_entries):
+        key = f"leaves/{_leaf_key(path)}"
+        out[f"{key}/norm"] = jnp.max(jnp.asarray(norm))
+        if thresholds is not None:
+            out[f"{key}/threshold"] = jnp.min(jnp.asarray(thresholds[index]))
+        if scales is not None:
+            out[f"{key}/scale"] = jnp.min(jnp.asarray(scales[index]))
+        out[f"{key}/clipped"] = jnp.any(jnp.asarray(flags[index]))
+    return out
+
+
+def _values(node: Any, per_leaf: bool) -> tuple[str, dict[str, Array]]:
+    spec = _spec.spec_for_state(node)
+    if spec is not None:
+        values = _summaries(node.stats, spec.scope, per_leaf)
+        for field in spec.stat_fields:
+            value = node
+            for attribute in field.split("."):
+                value = getattr(value, attribute)
+            values[field.rsplit(".", 1)[-1]] = _leaves(value)[0]
+        return spec.name, values
+    name, fields = _REPORTS[type(node)]
+    return name, {field: _leaves(getattr(node, field))[0] for field in fields}
+
+
+def _warn_once(key: str, message: str) -> None:
+    # Python's default warning filter shows it once per calling line.
+    del key
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def stats(opt_state: Any, *, per_leaf: bool = False) -> dict[str, Array]:
@@ -145,12 +193,34 @@ def stats(opt_state: Any, *, per_leaf: bool = False) -> dict[str, Array]:
     by ``named_chain`` names and ``multi_transform`` labels when present. When two
     clippers would share a key, both get their full path in the state instead
     (``0/clip_by_global_norm/norm`` and ``2/clip_by_global_norm/norm``), so keys
-    are always unique. Per-leaf clippers report the largest leaf norm as ``norm``,
-    the smallest scale, ``clipped`` (any leaf) and ``clipped_fraction``; pass
-    ``per_leaf=True`` for ``norm/<leaf path>`` entries too.
+    are always unique.
+
+    Fields: ``norm`` (pre-clip), ``threshold``, ``scale`` (the factor applied;
+    not for ``clip_by_value``, which applies none) and ``clipped``. Per-leaf and
+    unit-wise clippers report the largest norm as ``norm``, the smallest scale,
+    ``clipped`` (any) and ``clipped_fraction``; their limits as ``threshold``
+    when one limit serves every leaf, else as ``threshold_min`` and
+    ``threshold_max``. ``per_leaf=True`` adds ``leaves/<leaf path>/<field>``
+    entries (no key is both a value and a prefix of another key, so
+    ``flax.traverse_util.unflatten_dict(stats, sep="/")`` works).
 
     Works eagerly and inside ``jit``; it reads stored values and never recomputes
-    a norm.
+    a norm. States restored without a target, or taken with ``nnx.state``, are
+    plain dicts: they are still read (see ``Edge cases``).
+
+    Edge cases:
+
+      ===========================================  ================================
+      ``opt_state``                                result
+      ===========================================  ================================
+      no optaxclip clipper in it                   ``{}`` and a ``UserWarning``
+                                                   (once) naming likely causes
+      a dict from an untargeted restore or         read by the shape of the
+      ``nnx.state(optimizer)``                     clipper states; names come from
+                                                   the state layout (a
+                                                   ``UserWarning`` says so once)
+      not a pytree of arrays (a string, a model)   ``TypeError``
+      ===========================================  ================================
 
     Example:
       >>> import jax.numpy as jnp, optax, optaxclip as oc
@@ -165,19 +235,39 @@ def stats(opt_state: Any, *, per_leaf: bool = False) -> dict[str, Array]:
       clip_by_global_norm/scale 0.2
       clip_by_global_norm/clipped 1.0
     """
-    found = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_registered)[0]
+    _check_state_type(opt_state)
+    found = jax.tree_util.tree_flatten_with_path(
+        opt_state, is_leaf=lambda n: _is_reported(n) or _raw_clipper(n) is not None
+    )[0]
     entries = []
+    raw_found = False
     for path, node in found:
-        if not _is_registered(node):
-            continue
-        name, extra_fields = _REGISTRY[type(node)]
-        labels = [_path_label(p) for p in path]
+        if _is_reported(node):
+            name, values = _values(node, per_leaf)
+        else:
+            raw = _raw_clipper(node)
+            if raw is None:
+                continue
+            name, values = raw[0], _summaries(raw[1], raw[2], per_leaf)
+            raw_found = True
+        labels = [_path_label(p) for p in path if not _is_wrapper_key(p)]
         short = "/".join([text for text, meaningful in labels if meaningful] + [name])
         full = "/".join([text for text, _ in labels] + [name])
-        values = _summaries(node.stats, per_leaf) if hasattr(node, "stats") else {}
-        for field in extra_fields:
-            values[field] = getattr(node, field)
         entries.append((short, full, values))
+    if raw_found:
+        _warn_once("raw", (
+            "optaxclip.stats read clipper states from plain dicts (a checkpoint restored "
+            "without a target, or nnx.state(...)); their names were guessed from the state "
+            "layout. For exact names, read the state as the optimizer builds it: "
+            "restore with target=tx.init(params), or pass optimizer.opt_state."
+        ))
+    if not entries:
+        _warn_once("empty", (
+            "optaxclip.stats found no optaxclip clipper in this state, so it returned {}. "
+            "Likely causes: the chain uses optax's own clipper (optax.clip_by_global_norm "
+            "keeps no stats: use optaxclip.clip_by_global_norm), or this is not the "
+            "optimizer state (pass opt_state, or optimizer.opt_state for nnx.Optimizer)."
+        ))
     short_counts: dict[str, int] = {}
     for short, _, _ in entries:
         short_counts[short] = short_counts.get(short, 0) + 1
@@ -187,3 +277,52 @@ def stats(opt_state: Any, *, per_leaf: bool = False) -> dict[str, Array]:
         for field, value in values.items():
             out[f"{prefix}/{field}"] = value
     return out
+
+
+def _is_wrapper_key(entry: Any) -> bool:
+    return isinstance(entry, jax.tree_util.GetAttrKey) and entry.name in _WRAPPER_ATTRIBUTES
+
+
+def _check_state_type(opt_state: Any) -> None:
+    bad = [
+        type(x).__name__ for x in jax.tree.leaves(opt_state)
+        if not (hasattr(x, "dtype") or isinstance(x, (int, float, complex, bool)))
+    ]
+    if bad:
+        raise TypeError(
+            f"opt_state must be an optax state (a pytree of arrays, as returned by tx.init "
+            f"and tx.update); it has leaves of type {sorted(set(bad))}."
+        )
+
+
+def _raw_clipper(node: Any) -> tuple[str, ClipStats, str] | None:
+    """``(name, stats, scope)`` of a clipper state that became a plain dict, or None."""
+    if not _is_mapping(node) or "count" not in node or not _is_mapping(node.get("stats")):
+        return None
+    record = node["stats"]
+    if "norm" not in record or "threshold" not in record:
+        return None
+    fields = frozenset(k for k in node if k not in ("count", "stats"))
+    candidates = [
+        spec for cls, spec in _spec._STATE_SPECS.items()
+        if frozenset(cls._fields) - {"count", "stats"} == fields
+    ]
+    scalar = len(jax.tree.leaves(record["norm"])) == 1 and not _is_mapping(record["norm"])
+    if scalar:
+        candidates = [s for s in candidates if s.scope in ("global", "element")]
+    else:
+        candidates = [s for s in candidates if s.scope in ("leaf", "unit")]
+    element = record.get("scale") is None and record.get("clipped") is not None
+    candidates = [s for s in candidates if (s.scope == "element") == element]
+    names = sorted({s.name for s in candidates})
+    name = names[0] if len(names) == 1 else "clipper"
+    scope = candidates[0].scope if candidates else ("global" if scalar else "leaf")
+    clip_stats = ClipStats(
+        norm=record["norm"], threshold=record["threshold"],
+        scale=record.get("scale"), clipped=record.get("clipped"),
+    )
+    return name, clip_stats, scope
+
+
+def _is_mapping(node: Any) -> bool:
+    return hasattr(node, "keys") and hasattr(node, "__getitem__") and hasattr(node, "get")

@@ -8,9 +8,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _scaling, _state, _validate
-from optaxclip._norms import AxisName, is_float_leaf
+from optaxclip import _history, _norms, _scaling
+from optaxclip._clipper import ThresholdRule, make_clipper
+from optaxclip._registry import register_factory
+from optaxclip._spec import ClipSpec
 from optaxclip._state import ClipStats
+from optaxclip._validate import (
+    AxisName,
+    validate_axis_name,
+    validate_int,
+    validate_real,
+    validate_threshold,
+)
 
 Array = jax.Array
 
@@ -22,25 +31,21 @@ class AdaGCState(NamedTuple):
 
     Attributes:
       count: number of updates so far (int32).
-      stats: per-leaf ``ClipStats`` of the last update; ``threshold`` is
-        ``lambda_abs`` during warmup and the largest per-tensor limit
-        ``lambda_rel * gamma_i`` after it.
-      gamma: per-tensor EMA of clipped norms, a tree of float32 scalars; ``inf``
-        until the tensor has had a finite non-zero gradient.
+      stats: per-tensor ``ClipStats`` of the last update; ``threshold`` holds
+        each tensor's limit (its share of ``lambda_abs`` during warmup,
+        ``lambda_rel * gamma_i`` after it).
+      gamma: per-tensor EMA of clipped norms, a tree of scalars; ``inf`` until
+        the tensor has had a finite non-zero gradient.
       num_warmup: finite warmup steps so far; warmup ends at ``warmup_steps``.
-      global_norm: the pre-clip global norm of the last update.
     """
 
     count: Array
     stats: ClipStats
     gamma: Any
     num_warmup: Array
-    global_norm: Array
 
 
-_state.register_state(AdaGCState, "adagc", extra_fields=("global_norm",))
-
-
+@register_factory(threshold="lambda_abs", test_kwargs={"warmup_steps": 2})
 def adagc(
     *,
     lambda_rel: float = 1.05,
@@ -56,7 +61,11 @@ def adagc(
     ``gamma_i <- beta gamma_i + (1 - beta) ||h_i g_i||``. During the warmup
     (the first ``warmup_steps`` finite steps) the whole tree is clipped to the
     absolute global threshold, ``g <- g min(1, lambda_abs / ||g||)``, and
-    ``gamma_i`` tracks the running minimum of the clipped tensor norms.
+    ``gamma_i`` tracks the running minimum of the clipped tensor norms. The
+    global clip is recorded per tensor: tensor ``i``'s limit is its share
+    ``lambda_abs ||g_i|| / ||g||`` of the global budget when the tree is over
+    it (``lambda_abs`` otherwise), so the ``threshold`` stat always holds the
+    limit each tensor was clipped to.
 
     Deviations from the paper, all at its edges (documented decisions):
 
@@ -76,8 +85,8 @@ def adagc(
 
     Formal guarantees:
       * for finite input: during warmup ``||out|| <= lambda_abs (1 + 1e-6)``;
-        after it ``||out_i|| <= lambda_rel gamma_i (1 + 1e-6)`` per tensor, so
-        every tensor is under the ``threshold`` stat;
+        after it ``||out_i|| <= lambda_rel gamma_i (1 + 1e-6)`` per tensor;
+        always, every tensor is under its ``threshold`` stat;
       * tensors at or under their limit come back bit-identical; rescaling only;
       * per-tensor norms in float32 or wider, overflow-safe, one read; with
         ``axis_name`` they (and the warmup global norm) cover all shards.
@@ -90,6 +99,7 @@ def adagc(
       zero gradients                 zeros; during warmup ``gamma`` untouched,
                                      after it ``gamma`` decays (paper rule)
       NaN / inf in warmup            every entry NaN; step not counted
+                                     (also with ``lambda_abs = inf``)
       NaN / inf tensor after warmup  that tensor NaN, its ``gamma`` kept
       ``lambda_rel = inf``           identity after warmup
       invalid static argument        ``ValueError`` naming it
@@ -102,6 +112,10 @@ def adagc(
       warmup_steps: number of finite steps clipped globally (>= 1; paper: 100).
       axis_name: under ``shard_map``/``pmap``, the axis the gradients are
         sharded over.
+
+    Returns:
+      The clipper; its state is ``AdaGCState(count, stats, gamma, num_warmup)``
+      with one norm, limit and scale per tensor.
 
     Example:
       >>> import jax.numpy as jnp, optaxclip as oc
@@ -116,71 +130,59 @@ def adagc(
       Wang, Li, Chen, Zeng, Yang, Sun, Ma, Yu and Shen, "AdaGC: Improving
       Training Stability for Large Language Model Pretraining", 2025.
     """
-    _validate.validate_threshold(lambda_rel, "lambda_rel")
-    _validate.validate_threshold(lambda_abs, "lambda_abs")
-    beta = _validate.validate_real(
-        beta, "beta", low=0.0, high=1.0, high_open=True, hint="Try 0.98."
+    validate_threshold(lambda_rel, "lambda_rel")
+    validate_threshold(lambda_abs, "lambda_abs")
+    beta = validate_real(beta, "beta", low=0.0, high=1.0, high_open=True, hint="Try 0.98.")
+    warmup_steps = validate_int(warmup_steps, "warmup_steps")
+    spec = ClipSpec(
+        "adagc",
+        scope="leaf",
+        axis_name=validate_axis_name(axis_name),
+        stat_fields=("num_warmup",),
+        strict_nonfinite=True,
     )
-    warmup_steps = _validate.validate_int(warmup_steps, "warmup_steps")
-    axis_name = _validate.validate_axis_name(axis_name)
 
-    def init_fn(params: Any) -> AdaGCState:
-        zero = jnp.zeros([], jnp.int32)
-        per_leaf = jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params)
-        return AdaGCState(
-            count=zero,
-            stats=_state.initial_stats(per_leaf, _scaling.threshold_at(lambda_abs, zero)),
-            gamma=jax.tree.map(lambda _: jnp.full([], jnp.inf, jnp.float32), params),
-            num_warmup=zero,
-            global_norm=jnp.zeros([], jnp.float32),
-        )
+    def init(params: Any) -> dict[str, Any]:
+        dtype = _history.dtype_for(params)
+        return {
+            "gamma": jax.tree.map(lambda _: jnp.full([], jnp.inf, dtype), params),
+            "num_warmup": jnp.zeros([], jnp.int32),
+        }
 
-    def update_fn(updates: Any, state: AdaGCState, params: Any = None, **extra):
-        del params, extra
-        leaves, treedef = jax.tree.flatten(updates)
+    def threshold(norm: Any, state: AdaGCState, params: Any) -> tuple[Any, dict]:
+        del params
+        leaves, treedef = jax.tree.flatten(norm)
         gammas = treedef.flatten_up_to(state.gamma)
-        positions = [i for i, g in enumerate(leaves) if is_float_leaf(g)]
-        norms = _norms.unit_norms([leaves[i] for i in positions], 2, axis_name=axis_name)
-        norms = [n.astype(jnp.float32) for n in norms]
-        global_norm = _norms.global_norm(norms)
+        total = _norms.global_norm(leaves)
         in_warmup = state.num_warmup < warmup_steps
-        absolute = _scaling.threshold_at(lambda_abs, state.count).astype(jnp.float32)
-        relative = _scaling.threshold_at(lambda_rel, state.count).astype(jnp.float32)
-        global_scale, _ = _scaling.scale_factor(global_norm, absolute)
-
-        out = list(leaves)
-        leaf_norms = [jnp.zeros([], jnp.float32)] * len(leaves)
-        scales = [jnp.ones([], jnp.float32)] * len(leaves)
-        new_gammas = list(gammas)
-        limits = []
-        for i, norm in zip(positions, norms):
-            gamma = gammas[i]
+        absolute = _scaling.threshold_at(lambda_abs, state.count)
+        relative = _scaling.threshold_at(lambda_rel, state.count)
+        over = total > absolute
+        limits, new_gammas = [], []
+        for norm_i, gamma in zip(leaves, gammas):
+            dtype = jnp.promote_types(norm_i.dtype, gamma.dtype)
+            norm_i, gamma = norm_i.astype(dtype), gamma.astype(dtype)
+            # The global warmup clip, as each tensor's share of the budget; a
+            # non-finite total poisons every tensor, as a global clip does.
+            share = absolute * (norm_i / jnp.where(over, total, 1))
+            share = jnp.where(over & (norm_i > 0), share, absolute)
+            share = jnp.where(jnp.isfinite(total), share, jnp.nan)
             use_relative = ~in_warmup & jnp.isfinite(gamma)
-            limit = relative * gamma
-            relative_scale, _ = _scaling.scale_factor(norm, limit)
-            scale = jnp.where(use_relative, relative_scale, global_scale)
-            clipped_norm = norm * scale
+            limit = jnp.where(use_relative, relative * gamma, share).astype(dtype)
+            scale, _ = _scaling.scale_factor(norm_i, limit, strict_nonfinite=True)
+            clipped_norm = norm_i * scale
             observed = jnp.isfinite(clipped_norm) & (clipped_norm > 0)
             ema = beta * gamma + (1 - beta) * clipped_norm
             running_min = jnp.where(observed, jnp.minimum(gamma, clipped_norm), gamma)
-            new_gammas[i] = jnp.where(
-                use_relative, jnp.where(jnp.isfinite(norm), ema, gamma), running_min
-            )
-            out[i] = _scaling.apply_scale(leaves[i], scale)
-            leaf_norms[i], scales[i] = norm, scale
-            # A tensor under the global rule is bounded by the global threshold.
-            limits.append(jnp.where(use_relative, limit, absolute))
+            new_gammas.append(jnp.where(
+                use_relative, jnp.where(jnp.isfinite(norm_i), ema, gamma), running_min
+            ))
+            limits.append(limit)
+        fields = {
+            "gamma": treedef.unflatten(new_gammas),
+            "num_warmup": state.num_warmup + (in_warmup & jnp.isfinite(total)).astype(jnp.int32),
+        }
+        return treedef.unflatten(limits), fields
 
-        threshold = jnp.max(jnp.stack(limits)) if limits else absolute
-        rebuild = lambda xs: jax.tree.unflatten(treedef, xs)
-        clipped = jax.tree.map(lambda s: s != 1, rebuild(scales))
-        finite_step = jnp.isfinite(global_norm)
-        return rebuild(out), AdaGCState(
-            count=optax.safe_increment(state.count),
-            stats=_state.make_stats(rebuild(leaf_norms), threshold, rebuild(scales), clipped),
-            gamma=rebuild(new_gammas),
-            num_warmup=state.num_warmup + (in_warmup & finite_step).astype(jnp.int32),
-            global_norm=global_norm,
-        )
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    rule = ThresholdRule(threshold=threshold, init=init, fields=("gamma", "num_warmup"))
+    return make_clipper(spec, rule, state_cls=AdaGCState)

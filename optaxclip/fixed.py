@@ -31,18 +31,17 @@ Shared contracts, tested for every clipper:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _scaling, _state, _validate
-from optaxclip._norms import AxisName, is_float_leaf
+from optaxclip._clipper import fixed_threshold, make_clipper
+from optaxclip._registry import register_factory
 from optaxclip._scaling import Threshold
+from optaxclip._spec import ClipSpec
 from optaxclip._state import ClipStats
+from optaxclip._validate import AxisName, validate_axis_name, validate_eps, validate_ord
 
 Array = jax.Array
 
@@ -86,43 +85,7 @@ class ClipByBlockRmsState(NamedTuple):
     stats: ClipStats
 
 
-_state.register_state(ClipByValueState, "clip_by_value")
-_state.register_state(ClipByNormState, "clip_by_norm")
-_state.register_state(ClipByGlobalNormState, "clip_by_global_norm")
-_state.register_state(ClipByBlockRmsState, "clip_by_block_rms")
-
-# (updates, threshold) -> (clipped updates, stats)
-ClipFn = Callable[[Any, Array], tuple[Any, ClipStats]]
-
-
-def _per_leaf_shape(tree: Any) -> Any:
-    """One scalar placeholder per leaf, for building per-leaf stats of the right shape."""
-    return jax.tree.map(lambda _: jnp.zeros([], jnp.float32), tree)
-
-
-def _transformation(
-    state_cls: type, threshold: Threshold, stats_shape: Callable[[Any], Any], clip: ClipFn
-) -> optax.GradientTransformationExtraArgs:
-    """The shared init/update plumbing: step count, threshold lookup, stats."""
-
-    def init_fn(params: Any) -> NamedTuple:
-        count = jnp.zeros([], jnp.int32)
-        return state_cls(
-            count=count,
-            stats=_state.initial_stats(
-                stats_shape(params), _scaling.threshold_at(threshold, count)
-            ),
-        )
-
-    def update_fn(updates: Any, state: NamedTuple, params: Any = None, **extra_args: Any):
-        del params, extra_args
-        current = _scaling.threshold_at(threshold, state.count)
-        clipped_updates, stats = clip(updates, current)
-        return clipped_updates, state_cls(count=optax.safe_increment(state.count), stats=stats)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
+@register_factory(threshold="max_delta")
 def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs:
     """Clips every entry to ``[-max_delta, max_delta]``.
 
@@ -138,8 +101,9 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
       * entries with ``|g_i| <= max_delta`` are returned bit-identical; signs are kept.
       * same structure, shapes and dtypes; non-float leaves pass through.
       * stats: ``norm`` is the pre-clip max-norm ``max|g_i|`` (NaN if any entry is
-        NaN), ``scale = min(1, max_delta / norm)``, ``clipped`` whether any entry
-        was clipped (also true when a NaN entry leaves it unknown).
+        NaN), ``threshold`` the limit, ``clipped`` whether any entry was changed
+        (NaN entries are never changed). There is no ``scale``: entries are
+        clipped one by one, so no single factor was applied.
 
     Edge cases:
 
@@ -151,16 +115,21 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
       ``max_delta = inf``         identity
       ``+inf`` / ``-inf`` entry   ``+max_delta`` / ``-max_delta`` (as torch)
       NaN entry                   stays NaN; other entries clipped as usual;
-                                  ``norm``, ``scale`` stats NaN; ``clipped``
-                                  true
+                                  ``norm`` stat NaN; ``clipped`` says whether
+                                  another entry was clipped
       negative static threshold   ``ValueError`` at construction
       negative traced threshold   clamped to 0
       bf16 / fp16 leaves          clipped in their own dtype, bound exact
+      ``max_delta`` above the     finite entries untouched; ``inf`` entries go
+      dtype's largest value       to the dtype's largest value (fp16: 65504)
       ==========================  ============================================
 
     Args:
       max_delta: the largest magnitude allowed: a float, a scalar array, or a
         schedule of the step count.
+
+    Returns:
+      The clipper; its state is ``ClipByValueState(count, stats)``.
 
     Example:
       >>> import jax.numpy as jnp, optaxclip as oc
@@ -172,53 +141,11 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
     References:
       Mikolov, "Statistical Language Models Based on Neural Networks", PhD thesis, 2012.
     """
-    _validate.validate_threshold(max_delta, "max_delta")
-
-    def clip(updates: Any, threshold: Array) -> tuple[Any, ClipStats]:
-        def clip_leaf(g: Any) -> Any:
-            if not is_float_leaf(g):
-                return g
-            g = jnp.asarray(g)
-            limit = _round_down(threshold, g.dtype)
-            if jnp.iscomplexobj(g):
-                # Complex entries are clipped by modulus, keeping their phase.
-                return _scaling.apply_scale(g, _complex_value_scale(g, threshold))
-            # The select hands back the input's own bits where nothing is clipped:
-            # XLA on CPU flushes subnormals to zero in min/max.
-            inside = (jnp.abs(g) <= limit) & (limit > 0)
-            return jnp.where(inside, g, jnp.clip(g, -limit, limit))
-
-        pre_clip_max = _norms.global_norm(updates, math.inf)
-        # Value clipping maps inf entries to the limit, so only NaN leaves the
-        # scale (the largest entry's shrink factor) undefined.
-        over = pre_clip_max > threshold
-        scale = jnp.where(over, threshold / jnp.where(over, pre_clip_max, 1), 1)
-        scale = jnp.where(jnp.isnan(pre_clip_max), jnp.nan, scale)
-        scale = jnp.where(threshold == math.inf, 1, scale)
-        scale = jnp.where(jnp.isnan(threshold), jnp.nan, scale)
-        stats = _state.make_stats(pre_clip_max, threshold, scale, scale != 1)
-        return jax.tree.map(clip_leaf, updates), stats
-
-    return _transformation(ClipByValueState, max_delta, lambda _: jnp.zeros([]), clip)
+    spec = ClipSpec("clip_by_value", scope="element", ord=float("inf"))
+    return make_clipper(spec, fixed_threshold(max_delta, "max_delta"), state_cls=ClipByValueState)
 
 
-def _round_down(threshold: Array, dtype: Any) -> Array:
-    """The largest value of ``dtype`` that is <= ``threshold``."""
-    real = jnp.finfo(dtype).dtype
-    rounded = threshold.astype(real)
-    too_big = rounded.astype(threshold.dtype) > threshold
-    # nextafter has no derivative: the one-step correction is a constant to jax.grad.
-    constant = jax.lax.stop_gradient(rounded)
-    step = constant - jnp.nextafter(constant, jnp.zeros_like(constant))
-    return jnp.where(too_big, rounded - step, rounded)
-
-
-def _complex_value_scale(g: Array, threshold: Array) -> Array:
-    modulus = _norms._magnitude(g, _norms.accumulation_dtype(g.dtype))
-    over = modulus > threshold
-    return jnp.where(over, threshold / jnp.where(over, modulus, 1), 1)
-
-
+@register_factory(threshold="max_norm")
 def clip_by_norm(
     max_norm: Threshold, *, ord: float | None = None, axis_name: AxisName = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -237,7 +164,7 @@ def clip_by_norm(
       * a leaf over it is only rescaled, never rotated or sign-flipped;
       * norms accumulate in float32 or wider, overflow-safe (``1e20`` entries,
         fp16 ``[300, 1]``);
-      * stats hold one norm, scale and clipped flag per leaf.
+      * stats hold one norm and scale per leaf (``clipped`` is ``scale != 1``).
 
     Edge cases:
 
@@ -263,6 +190,10 @@ def clip_by_norm(
       axis_name: under ``shard_map``/``pmap``, the axis (or axes) the leaves are
         sharded over, so each leaf's norm covers all its shards.
 
+    Returns:
+      The clipper; its state is ``ClipByNormState(count, stats)`` with one norm
+      and scale per leaf.
+
     Example:
       >>> import jax.numpy as jnp, optaxclip as oc
       >>> tx = oc.clip_by_norm(1.0)
@@ -275,29 +206,13 @@ def clip_by_norm(
       Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
       neural networks", ICML 2013.
     """
-    _validate.validate_threshold(max_norm, "max_norm")
-    p = _validate.validate_ord(ord)
-    axis_name = _validate.validate_axis_name(axis_name)
-
-    def clip(updates: Any, threshold: Array) -> tuple[Any, ClipStats]:
-        norms = _norms.leaf_norms(updates, p, axis_name=axis_name)
-        return _scale_each_leaf(updates, norms, threshold)
-
-    return _transformation(ClipByNormState, max_norm, _per_leaf_shape, clip)
+    spec = ClipSpec(
+        "clip_by_norm", scope="leaf", ord=validate_ord(ord), axis_name=validate_axis_name(axis_name)
+    )
+    return make_clipper(spec, fixed_threshold(max_norm, "max_norm"), state_cls=ClipByNormState)
 
 
-def _scale_each_leaf(
-    updates: Any, norms: Any, threshold: Array, divisor: Any = None
-) -> tuple[Any, ClipStats]:
-    """Scales each leaf by its own factor; ``divisor`` turns a norm into an RMS."""
-    if divisor is not None:
-        norms = jax.tree.map(lambda n, d: n / d, norms, divisor)
-    scales = jax.tree.map(lambda n: _scaling.scale_factor(n, threshold)[0], norms)
-    clipped = jax.tree.map(lambda scale: scale != 1, scales)  # NaN scale: changed too
-    out = jax.tree.map(_scaling.apply_scale, updates, scales)
-    return out, _state.make_stats(norms, threshold, scales, clipped)
-
-
+@register_factory(threshold="max_norm")
 def clip_by_global_norm(
     max_norm: Threshold,
     *,
@@ -326,7 +241,7 @@ def clip_by_global_norm(
       * with ``axis_name``, the norm is global across ``shard_map``/``pmap``
         shards: clipped gradients have global norm ``max_norm``, not
         ``max_norm * sqrt(shards)``;
-      * stats: pre-clip norm, threshold, scale and clipped flag, no extra pass.
+      * stats: pre-clip norm, threshold and scale, no extra pass.
 
     Edge cases:
 
@@ -356,6 +271,9 @@ def clip_by_global_norm(
       axis_name: under ``shard_map``/``pmap``, the axis name (or tuple of names)
         the gradients are sharded over.
 
+    Returns:
+      The clipper; its state is ``ClipByGlobalNormState(count, stats)``.
+
     Example:
       >>> import jax.numpy as jnp, optax, optaxclip as oc
       >>> tx = optax.chain(oc.clip_by_global_norm(1.0), optax.sgd(1.0))
@@ -368,21 +286,22 @@ def clip_by_global_norm(
       Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
       neural networks", ICML 2013.
     """
-    _validate.validate_threshold(max_norm, "max_norm")
-    p = _validate.validate_ord(ord)
-    eps = _validate.validate_eps(eps)
-    axis_name = _validate.validate_axis_name(axis_name)
-
-    def clip(updates: Any, threshold: Array) -> tuple[Any, ClipStats]:
-        norm = _norms.global_norm(updates, p, axis_name=axis_name)
-        scale, clipped = _scaling.scale_factor(norm, threshold, eps)
-        out = jax.tree.map(lambda g: _scaling.apply_scale(g, scale), updates)
-        return out, _state.make_stats(norm, threshold, scale, clipped)
-
-    return _transformation(ClipByGlobalNormState, max_norm, lambda _: jnp.zeros([]), clip)
+    spec = ClipSpec(
+        "clip_by_global_norm",
+        scope="global",
+        ord=validate_ord(ord),
+        eps=validate_eps(eps),
+        axis_name=validate_axis_name(axis_name),
+    )
+    return make_clipper(
+        spec, fixed_threshold(max_norm, "max_norm"), state_cls=ClipByGlobalNormState
+    )
 
 
-def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformationExtraArgs:
+@register_factory(threshold="threshold")
+def clip_by_block_rms(
+    threshold: Threshold, *, axis_name: AxisName = None
+) -> optax.GradientTransformationExtraArgs:
     """Clips each leaf so its root-mean-square is at most ``threshold``.
 
     ``rms = ||g_leaf||_2 / sqrt(size)``; ``out_leaf = g_leaf * min(1, threshold / rms)``.
@@ -413,6 +332,13 @@ def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformationExtra
     Args:
       threshold: the largest RMS allowed per leaf: a float, a scalar array, or a
         schedule of the step count.
+      axis_name: under ``shard_map``/``pmap``, the axis (or axes) the leaves are
+        sharded over; each leaf's RMS then covers every shard (entries counted
+        across shards too).
+
+    Returns:
+      The clipper; its state is ``ClipByBlockRmsState(count, stats)`` with one
+      RMS and scale per leaf.
 
     Example:
       >>> import jax.numpy as jnp, optaxclip as oc
@@ -426,13 +352,8 @@ def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformationExtra
       Shazeer and Stern, "Adafactor: Adaptive Learning Rates with Sublinear
       Memory Cost", ICML 2018.
     """
-    _validate.validate_threshold(threshold, "threshold")
-
-    def clip(updates: Any, limit: Array) -> tuple[Any, ClipStats]:
-        norms = _norms.leaf_norms(updates, 2)
-        root_sizes = jax.tree.map(
-            lambda g: jnp.sqrt(jnp.float32(max(jnp.size(g), 1))), updates
-        )
-        return _scale_each_leaf(updates, norms, limit, divisor=root_sizes)
-
-    return _transformation(ClipByBlockRmsState, threshold, _per_leaf_shape, clip)
+    spec = ClipSpec(
+        "clip_by_block_rms", scope="leaf", rms=True, axis_name=validate_axis_name(axis_name)
+    )
+    rule = fixed_threshold(threshold, "threshold")
+    return make_clipper(spec, rule, state_cls=ClipByBlockRmsState)

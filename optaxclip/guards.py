@@ -5,21 +5,27 @@ transformation (``optax.adam(...)``, or a whole chain). On a skipped step they
 return zero updates and leave the inner state exactly as it was, so moment
 accumulators never see the bad gradient. Unlike ``optax.apply_if_finite``, they
 never let a NaN through after some number of failures unless asked to with
-``max_consecutive_skips``.
+``skip_nonfinite(max_consecutive_skips=N)``.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _state, _validate
-from optaxclip._norms import AxisName
+from optaxclip import _history, _norms, _spec, _state
+from optaxclip._history import History
+from optaxclip._registry import register_factory
+from optaxclip._validate import (
+    AxisName,
+    validate_axis_name,
+    validate_int,
+    validate_real,
+)
 
 Array = jax.Array
 
@@ -37,32 +43,40 @@ class SkipNonfiniteStats(NamedTuple):
     """What ``skip_nonfinite`` did; ``optaxclip.stats`` reports it.
 
     Attributes:
-      skipped: whether the last step was skipped.
       num_skipped: skipped steps so far (int32, saturating).
-      consecutive_skips: skipped steps in a row up to the last one.
-      norm: the last step's gradient global norm (float32).
+      consecutive_skips: skipped steps in a row up to the last one; the last
+        step was skipped exactly when it is above 0 (``skipped``).
+      norm: the last step's gradient global norm (float32 or wider).
     """
 
-    skipped: Array
     num_skipped: Array
     consecutive_skips: Array
     norm: Array
+
+    @property
+    def skipped(self) -> Array:
+        """Whether the last step was skipped."""
+        return jnp.asarray(self.consecutive_skips) > 0
 
 
 class SkipOnSpikeStats(NamedTuple):
     """What ``skip_on_spike`` did; ``optaxclip.stats`` reports it.
 
     Attributes:
-      skipped, num_skipped, consecutive_skips, norm: as in ``SkipNonfiniteStats``.
+      num_skipped, consecutive_skips, norm: as in ``SkipNonfiniteStats``.
       threshold: the spike threshold ``mean + z std`` the last norm was tested
         against (``inf`` before ``min_history`` norms were recorded).
     """
 
-    skipped: Array
     num_skipped: Array
     consecutive_skips: Array
     norm: Array
     threshold: Array
+
+    @property
+    def skipped(self) -> Array:
+        """Whether the last step was skipped."""
+        return jnp.asarray(self.consecutive_skips) > 0
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -82,42 +96,44 @@ class SkipOnSpikeState(NamedTuple):
     Attributes:
       inner_state: the wrapped transformation's state (untouched on skipped steps).
       guard: ``SkipOnSpikeStats`` of the last step.
-      norms: ring buffer of the last ``window`` norms of applied steps.
-      losses: ring buffer of the last ``window`` losses of applied steps (used
-        only when ``loss`` is passed).
-      num_recorded, num_losses: values recorded so far (int32, saturating).
-      position, loss_position: the slots the next norm and loss are written to.
+      norms: the norms of the last ``window`` applied steps (a ``History``).
+      losses: the losses of the last ``window`` applied steps (used only when
+        ``loss`` is passed).
     """
 
     inner_state: Any
     guard: SkipOnSpikeStats
-    norms: Array
-    losses: Array
-    num_recorded: Array
-    num_losses: Array
-    position: Array
-    loss_position: Array
+    norms: History
+    losses: History
 
 
-_state.register_state(
-    SkipNonfiniteStats, "skip_nonfinite", extra_fields=("skipped", "num_skipped", "norm")
+_state.register_report(
+    SkipNonfiniteStats, "skip_nonfinite", ("skipped", "num_skipped", "norm")
 )
-_state.register_state(
-    SkipOnSpikeStats,
-    "skip_on_spike",
-    extra_fields=("skipped", "num_skipped", "norm", "threshold"),
+_state.register_report(
+    SkipOnSpikeStats, "skip_on_spike", ("skipped", "num_skipped", "norm", "threshold")
 )
 
 
-def _check_max_skips(value: Any) -> int | None:
+def _check_inner(inner: Any, guard: str) -> optax.GradientTransformationExtraArgs:
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        hint = ""
+        if callable(inner):
+            hint = (
+                f" {getattr(inner, '__name__', 'It')} looks like a factory: call it, e.g. "
+                f"optaxclip.{guard}(optax.adam(1e-3))."
+            )
+        raise TypeError(
+            f"{guard}: inner must be an optax.GradientTransformation, e.g. optax.adam(1e-3) "
+            f"or an optax.chain(...); got {type(inner).__name__}.{hint}"
+        )
+    return optax.with_extra_args_support(inner)
+
+
+def _check_max_skips(value: Any, *, minimum: int) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(
-            f"max_consecutive_skips must be None (never apply a bad step) or an int "
-            f">= 0; got {value!r}."
-        )
-    return int(value)
+    return validate_int(value, "max_consecutive_skips", minimum=minimum)
 
 
 def _select(skip: Array, old: Any, new: Any) -> Any:
@@ -130,14 +146,7 @@ def _zeros_like(updates: Any) -> Any:
     )
 
 
-def _forced(consecutive: Array, max_skips: int | None) -> Array:
-    """Whether this step must be applied whatever it is (the opt-in release valve)."""
-    if max_skips is None:
-        return jnp.zeros([], bool)
-    return consecutive >= max_skips
-
-
-def _bookkeeping(skip: Array, guard: Any) -> tuple[Array, Array]:
+def _counters(skip: Array, guard: Any) -> tuple[Array, Array]:
     num_skipped, consecutive = guard.num_skipped, guard.consecutive_skips
     return (
         jnp.where(skip, optax.safe_increment(num_skipped), num_skipped),
@@ -150,6 +159,12 @@ def _loss_value(extra_args: dict) -> Array | None:
     return None if loss is None else jnp.asarray(loss, jnp.float32).reshape(())
 
 
+def _fresh(tree: Any) -> Any:
+    """Every leaf its own buffer, so that the whole state can be donated."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+@register_factory(kind="guard")
 def skip_nonfinite(
     inner: optax.GradientTransformation,
     *,
@@ -191,6 +206,10 @@ def skip_nonfinite(
       axis_name: under ``shard_map``/``pmap``, the axis the gradients are
         sharded over.
 
+    Returns:
+      The guarded transformation; its state is
+      ``SkipNonfiniteState(inner_state, guard)``.
+
     Example:
       >>> import jax.numpy as jnp, optax, optaxclip as oc
       >>> tx = oc.skip_nonfinite(optax.adam(0.1))
@@ -203,61 +222,59 @@ def skip_nonfinite(
       Micikevicius et al., "Mixed Precision Training", ICLR 2018 (skipping steps
       whose gradients overflowed).
     """
-    max_skips = _check_max_skips(max_consecutive_skips)
-    axis_name = _validate.validate_axis_name(axis_name)
-    inner = optax.with_extra_args_support(inner)
+    max_skips = _check_max_skips(max_consecutive_skips, minimum=0)
+    axis_name = validate_axis_name(axis_name)
+    inner = _check_inner(inner, "skip_nonfinite")
 
     def init_fn(params: Any) -> SkipNonfiniteState:
-        zero = jnp.zeros([], jnp.int32)
-        return SkipNonfiniteState(
+        return _fresh(SkipNonfiniteState(
             inner_state=inner.init(params),
             guard=SkipNonfiniteStats(
-                skipped=jnp.zeros([], bool),
-                num_skipped=zero,
-                consecutive_skips=zero,
-                norm=jnp.zeros([], jnp.float32),
+                num_skipped=jnp.zeros([], jnp.int32),
+                consecutive_skips=jnp.zeros([], jnp.int32),
+                norm=jnp.zeros([], _history.dtype_for(params)),
             ),
-        )
+        ))
 
     def update_fn(updates: Any, state: SkipNonfiniteState, params: Any = None, **extra_args):
-        norm = _norms.global_norm(updates, axis_name=axis_name).astype(jnp.float32)
+        state = jax.tree.map(jnp.asarray, state)
+        norm = _norms.global_norm(updates, axis_name=axis_name)
         bad = ~jnp.isfinite(norm)
         loss = _loss_value(extra_args)
         if loss is not None:
             bad = bad | ~jnp.isfinite(loss)
-        skip = bad & ~_forced(state.guard.consecutive_skips, max_skips)
+        skip = bad
+        if max_skips is not None:  # the opt-in release valve of optax.apply_if_finite
+            skip = bad & (state.guard.consecutive_skips < max_skips)
         inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        num_skipped, consecutive = _bookkeeping(skip, state.guard)
+        num_skipped, consecutive = _counters(skip, state.guard)
+        guard = SkipNonfiniteStats(num_skipped, consecutive, norm.astype(state.guard.norm.dtype))
         return _select(skip, _zeros_like(inner_updates), inner_updates), SkipNonfiniteState(
-            inner_state=_select(skip, state.inner_state, inner_state),
-            guard=SkipNonfiniteStats(skip, num_skipped, consecutive, norm),
+            inner_state=_select(skip, state.inner_state, inner_state), guard=guard
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    remake = lambda new_inner: skip_nonfinite(
+        new_inner, max_consecutive_skips=max_skips, axis_name=axis_name
+    )
+    return optax.GradientTransformationExtraArgs(init_fn, _spec.attach_inner(
+        update_fn, inner, "inner_state", name="skip_nonfinite", remake=remake
+    ))
 
 
-def _spike_threshold(buffer: Array, filled: Array, z: float, min_history: int) -> Array:
-    """``mean + z * std`` (population std) of the first ``filled`` entries, else inf."""
-    valid = jnp.arange(buffer.shape[0]) < filled
-    count = jnp.maximum(filled, 1).astype(jnp.float32)
-    mean = jnp.sum(jnp.where(valid, buffer, 0)) / count
-    var = jnp.sum(jnp.where(valid, jnp.square(buffer - mean), 0)) / count
-    return jnp.where(filled >= min_history, mean + z * jnp.sqrt(var), jnp.inf)
+def _spike_threshold(window: History, z: float, min_history: int) -> Array:
+    """``mean + z * std`` of the recorded values, or ``inf`` before ``min_history``."""
+    mean, std = _history.mean_std(window)
+    return jnp.where(_history.filled(window) >= min_history, mean + z * std, jnp.inf)
 
 
-def _record(buffer: Array, position: Array, count: Array, value: Array, keep: Array, size: int):
-    buffer = jnp.where(keep, buffer.at[position].set(value), buffer)
-    count = jnp.where(keep, optax.safe_increment(count), count)
-    return buffer, jnp.where(keep, (position + 1) % size, position), count
-
-
+@register_factory(kind="guard", test_kwargs={"window": 8, "min_history": 4})
 def skip_on_spike(
     inner: optax.GradientTransformation,
     *,
     window: int = 128,
     z: float = 6.0,
     min_history: int = 64,
-    max_consecutive_skips: int | None = None,
+    max_consecutive_skips: int | None = 16,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips the whole inner update on a non-finite or spiking gradient norm (or loss).
@@ -270,9 +287,18 @@ def skip_on_spike(
 
     Skipped steps are not recorded, so a spike cannot inflate the window and
     hide the next one. The flip side: after a genuine, lasting jump in the norm
-    level every step looks like a spike; ``max_consecutive_skips=N`` applies
-    (and records) the step after ``N`` consecutive skips, whatever it is, so the
-    window can adapt. The default None never applies a flagged step.
+    level every step looks like a spike, and with deterministic gradients a
+    skipped step (parameters unchanged) is flagged again forever. So after
+    ``max_consecutive_skips`` skips in a row (16 by default) the guard treats
+    the level as shifted: it empties its windows and applies the next finite
+    step; spike tests resume once ``min_history`` new values are recorded.
+    Non-finite steps are always skipped, never applied. ``None`` disables the
+    release (a flagged step is never applied, whatever happens).
+
+    The window statistics are computed scaled by their largest value, so one
+    recorded norm above 1.8e19 (whose square overflows float32) gives a large,
+    finite threshold rather than an infinite one that would stop all spike
+    tests.
 
     Equivalents: the "skip the update on a loss/gradient spike" heuristics of
     large-scale LM training (e.g. PaLM restarts and skips batches). No Keras,
@@ -281,6 +307,7 @@ def skip_on_spike(
 
     Formal guarantees:
       * a skipped step returns exact zeros and keeps the inner state bit-identical;
+      * a non-finite norm or loss is never applied;
       * a finite step under the threshold (or before ``min_history``) is exactly
         the inner update; the threshold used is in the stats;
       * fixed memory (two float32 buffers of ``window``); no host callback; with
@@ -294,6 +321,7 @@ def skip_on_spike(
       fewer than ``min_history``   only non-finite steps are skipped
       NaN / inf norm or loss       skipped, never recorded
       constant norms (std = 0)     any larger norm is a spike
+      16 skips in a row            windows emptied, next finite step applied
       zero gradients               applied and recorded (norm 0)
       invalid static argument      ``ValueError`` naming it
       ===========================  ===========================================
@@ -303,9 +331,14 @@ def skip_on_spike(
       window: how many recent applied steps the statistics cover (>= 1).
       z: spike threshold in standard deviations (> 0).
       min_history: recorded steps needed before spikes are tested (1..window).
-      max_consecutive_skips: None (never apply a flagged step) or N >= 0.
+      max_consecutive_skips: after this many skips in a row, empty the windows
+        and apply the next finite step (>= 1); None never does.
       axis_name: under ``shard_map``/``pmap``, the axis the gradients are
         sharded over.
+
+    Returns:
+      The guarded transformation; its state is
+      ``SkipOnSpikeState(inner_state, guard, norms, losses)``.
 
     Example:
       >>> import jax.numpy as jnp, optax, optaxclip as oc
@@ -320,69 +353,67 @@ def skip_on_spike(
       Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", JMLR
       2023 (skipping batches around loss spikes).
     """
-    window = _validate.validate_int(window, "window")
-    min_history = _validate.validate_int(min_history, "min_history")
+    window = validate_int(window, "window")
+    min_history = validate_int(min_history, "min_history")
     if min_history > window:
         raise ValueError(
             f"min_history ({min_history}) must be <= window ({window}): the window "
             f"can never hold that many norms."
         )
-    z = _validate.validate_real(z, "z", low=0.0, high=math.inf, low_open=True, high_open=True)
-    max_skips = _check_max_skips(max_consecutive_skips)
-    axis_name = _validate.validate_axis_name(axis_name)
-    inner = optax.with_extra_args_support(inner)
+    z = validate_real(z, "z", low=0.0, high=math.inf, low_open=True, high_open=True)
+    max_skips = _check_max_skips(max_consecutive_skips, minimum=1)
+    axis_name = validate_axis_name(axis_name)
+    inner = _check_inner(inner, "skip_on_spike")
 
     def init_fn(params: Any) -> SkipOnSpikeState:
-        zero = jnp.zeros([], jnp.int32)
-        empty = jnp.zeros([window], jnp.float32)
-        return SkipOnSpikeState(
+        dtype = _history.dtype_for(params)
+        return _fresh(SkipOnSpikeState(
             inner_state=inner.init(params),
             guard=SkipOnSpikeStats(
-                skipped=jnp.zeros([], bool),
-                num_skipped=zero,
-                consecutive_skips=zero,
-                norm=jnp.zeros([], jnp.float32),
-                threshold=jnp.full([], jnp.inf, jnp.float32),
+                num_skipped=jnp.zeros([], jnp.int32),
+                consecutive_skips=jnp.zeros([], jnp.int32),
+                norm=jnp.zeros([], dtype),
+                threshold=jnp.full([], jnp.inf, dtype),
             ),
-            norms=empty,
-            losses=empty,
-            num_recorded=zero,
-            num_losses=zero,
-            position=zero,
-            loss_position=zero,
-        )
+            norms=_history.empty(window, dtype),
+            losses=_history.empty(window, jnp.float32),
+        ))
 
     def update_fn(updates: Any, state: SkipOnSpikeState, params: Any = None, **extra_args):
-        norm = _norms.global_norm(updates, axis_name=axis_name).astype(jnp.float32)
-        filled = jnp.minimum(state.num_recorded, window)
-        threshold = _spike_threshold(state.norms, filled, z, min_history)
-        bad = ~jnp.isfinite(norm) | (norm > threshold)
+        state = jax.tree.map(jnp.asarray, state)
+        norm = _norms.global_norm(updates, axis_name=axis_name).astype(state.norms.values.dtype)
+        shifted = jnp.zeros([], bool)
+        if max_skips is not None:
+            # The level moved: start the windows afresh instead of skipping forever.
+            shifted = state.guard.consecutive_skips >= max_skips
+        norms = _history.clear(state.norms, shifted)
+        losses = _history.clear(state.losses, shifted)
+        threshold = _spike_threshold(norms, z, min_history)
+        finite = jnp.isfinite(norm)
+        skip = ~finite | (norm > threshold)
         loss = _loss_value(extra_args)
         if loss is not None:
-            loss_filled = jnp.minimum(state.num_losses, window)
-            loss_threshold = _spike_threshold(state.losses, loss_filled, z, min_history)
-            bad = bad | ~jnp.isfinite(loss) | (loss > loss_threshold)
-        skip = bad & ~_forced(state.guard.consecutive_skips, max_skips)
+            loss_threshold = _spike_threshold(losses, z, min_history)
+            finite = finite & jnp.isfinite(loss)
+            skip = skip | ~jnp.isfinite(loss) | (loss > loss_threshold)
         inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        num_skipped, consecutive = _bookkeeping(skip, state.guard)
-        norms, position, num_recorded = _record(
-            state.norms, state.position, state.num_recorded, norm,
-            ~skip & jnp.isfinite(norm), window,
-        )
-        losses, loss_position, num_losses = state.losses, state.loss_position, state.num_losses
+        num_skipped, consecutive = _counters(skip, state.guard)
+        applied = ~skip
+        norms = _history.record(norms, norm, applied)
         if loss is not None:
-            losses, loss_position, num_losses = _record(
-                losses, loss_position, num_losses, loss, ~skip & jnp.isfinite(loss), window
-            )
+            losses = _history.record(losses, loss, applied)
+        guard = SkipOnSpikeStats(num_skipped, consecutive, norm, threshold)
         return _select(skip, _zeros_like(inner_updates), inner_updates), SkipOnSpikeState(
             inner_state=_select(skip, state.inner_state, inner_state),
-            guard=SkipOnSpikeStats(skip, num_skipped, consecutive, norm, threshold),
+            guard=guard,
             norms=norms,
             losses=losses,
-            num_recorded=num_recorded,
-            num_losses=num_losses,
-            position=position,
-            loss_position=loss_position,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    remake = lambda new_inner: skip_on_spike(
+        new_inner, window=window, z=z, min_history=min_history,
+        max_consecutive_skips=max_skips, axis_name=axis_name,
+    )
+    return optax.GradientTransformationExtraArgs(init_fn, _spec.attach_inner(
+        update_fn, inner, "inner_state", name="skip_on_spike", remake=remake
+    ))

@@ -45,7 +45,13 @@ __all__ = [
 ]
 
 
-def check_order(tx: Any, params: Any, *, on_unknown: str = "raise") -> tuple[Stage, ...]:
+def check_order(
+    tx: optax.GradientTransformation | optax.MultiSteps,
+    params: optax.Params,
+    *,
+    on_unknown: str = "raise",
+    allow_group_norms: bool = False,
+) -> tuple[Stage, ...]:
     """Raises ``OrderingError`` if a moment accumulator runs before a gradient clipper.
 
     A static check: it reads the structure of ``tx`` and the *shapes* of its state
@@ -62,16 +68,31 @@ def check_order(tx: Any, params: Any, *, on_unknown: str = "raise") -> tuple[Sta
         parameter-shaped float tree) is applied before a clipper (optaxclip's,
         and ``optax.clip``, ``clip_by_global_norm``, ``clip_by_block_rms``,
         ``adaptive_grad_clip``); the message names both and says how to reorder;
+      * update clippers (a ``ClipSpec`` with ``role="update"``, and optax's
+        ``clip_by_block_rms`` right after Adafactor's ``scale_by_factored_rms``)
+        are legal after the moments: they clip the preconditioned update on
+        purpose. Gradient accumulation (``apply_every``, ``MultiSteps``) is
+        neither a clipper nor a moment, so a clipper after it passes;
       * it looks inside ``chain``, ``named_chain``, ``inject_hyperparams``,
-        ``masked``, ``partition``/``multi_transform``, ``MultiSteps`` and wrappers
-        whose state has an ``inner_state`` (``apply_if_finite``, optaxclip guards);
+        ``masked``, ``partition``/``multi_transform``, ``MultiSteps``,
+        ``apply_if_finite``, ``conditionally_mask``/``conditionally_transform``,
+        ``flatten``, ``optax.contrib.schedule_free`` (so
+        ``schedule_free_adamw`` passes), ``lookahead`` and optaxclip's guards
+        and ``checked``;
+      * a user's own transformation, also one built with ``optax.stateless`` or
+        ``optax.stateless_with_tree_map``, is unknown: it could be a clipper
+        after the moments, so by default it raises when it could hide a wrong
+        order;
+      * a global clipper inside ``partition``/``multi_transform``/``masked``
+        computes the norm of its group only: ``UserWarning`` unless
+        ``allow_group_norms=True``;
       * masks are honoured: a clipper and an accumulator on disjoint parameter
         subsets do not conflict. Note that a global clipper inside ``masked`` or
         ``multi_transform`` clips only its subset: its norm is the norm of the
         selected parameters' gradients, and the others pass through unclipped;
       * Adafactor's own update clipping (``clip_by_block_rms`` right after
-        ``scale_by_factored_rms``, as ``optax.adafactor`` builds it) is by design
-        and is not flagged.
+        ``scale_by_factored_rms``, as ``optax.adafactor`` builds it) is an update
+        clipper, found by its place in the chain.
 
     Edge cases:
 
@@ -90,10 +111,13 @@ def check_order(tx: Any, params: Any, *, on_unknown: str = "raise") -> tuple[Sta
       tx: an ``optax.GradientTransformation`` (or ``optax.MultiSteps``).
       params: the parameters (arrays or ``jax.ShapeDtypeStruct``), for shapes only.
       on_unknown: what to do when part of ``tx`` cannot be seen into.
+      allow_group_norms: say that a global clipper inside ``partition`` or
+        ``masked`` is meant to clip each group by its own norm (no warning).
 
     Returns:
       The stages in the order they are applied, each a ``Stage`` (name, kind
-      ``"clipper"``/``"moment"``/``"other"``/``"unknown"``, location).
+      ``"clipper"``/``"update_clipper"``/``"moment"``/``"accumulation"``/
+      ``"other"``/``"unknown"``, location).
 
     Example:
       >>> import jax.numpy as jnp, optax, optaxclip as oc
@@ -127,6 +151,17 @@ def check_order(tx: Any, params: Any, *, on_unknown: str = "raise") -> tuple[Sta
         if on_unknown == "raise":
             raise OrderingError(message)
         warnings.warn(message, UserWarning, stacklevel=2)
+    grouped = _structure.group_norm_problems(stages)
+    if grouped and not allow_group_norms:
+        warnings.warn(
+            "check_order: " + "\n  ".join(grouped) + ".\nTo clip by the norm of the whole "
+            "tree, put the clipper before the partition: optax.chain(clipper, "
+            "optax.partition(...)); for separate thresholds per group use "
+            "optaxclip.clip_by_group_norms. If a per-group norm is intended, pass "
+            "allow_group_norms=True.",
+            UserWarning,
+            stacklevel=2,
+        )
     return tuple(stages)
 
 

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import optax
 
-from optaxclip import fixed
+from optaxclip import _validate, fixed
+from optaxclip._registry import register_factory
 from optaxclip._scaling import Threshold
 
 __all__ = ["clipped"]
@@ -41,6 +42,7 @@ def _static_value(value: Any) -> float | None:
     return None
 
 
+@register_factory(kind="preset")
 def clipped(
     tx: optax.GradientTransformation,
     *,
@@ -123,13 +125,15 @@ def clipped(
             f"optaxclip.clip_by_global_norm(...), tx)."
         )
     if not hasattr(tx, "init") or not hasattr(tx, "update"):
+        hint = " It looks like a factory: call it, e.g. optax.adam(1e-3)." if callable(tx) else ""
         raise TypeError(
             f"tx must be an optax.GradientTransformation, e.g. optax.adam(1e-3); got "
-            f"{type(tx).__name__}."
+            f"{type(tx).__name__}.{hint}"
         )
     if not given:
         return tx
     (name, value), = given.items()
+    _validate.validate_threshold(value, name)
     number = _static_value(value)
     if number is not None:
         if math.isnan(number) or number < 0:

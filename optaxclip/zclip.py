@@ -9,9 +9,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _scaling, _state, _validate
-from optaxclip._norms import AxisName
+from optaxclip import _history, _scaling
+from optaxclip._clipper import ThresholdRule, make_clipper
+from optaxclip._history import History
+from optaxclip._registry import register_factory
+from optaxclip._spec import ClipSpec
 from optaxclip._state import ClipStats
+from optaxclip._validate import (
+    AxisName,
+    validate_axis_name,
+    validate_eps,
+    validate_int,
+    validate_real,
+    validate_threshold,
+)
 
 Array = jax.Array
 
@@ -27,23 +38,20 @@ class ZClipState(NamedTuple):
       count: number of updates so far (int32).
       stats: ``ClipStats`` of the last update (global norm, threshold, scale).
       ema_mean: EMA of the (adaptively clipped) gradient norm; 0 until warmup ends.
-      ema_var: EMA of its squared deviation; 0 until warmup ends.
-      warmup_norms: the finite norms seen during warmup (float32[warmup_steps]).
-      num_warmup: how many finite warmup norms were recorded; the EMAs are live
-        once it reaches ``warmup_steps``.
+      ema_std: EMA standard deviation of it (the square root of the EMA of
+        squared deviations); 0 until warmup ends.
+      warmup: the finite norms seen during warmup (a ``History`` of
+        ``warmup_steps`` slots); the EMAs are live once it is full.
     """
 
     count: Array
     stats: ClipStats
     ema_mean: Array
-    ema_var: Array
-    warmup_norms: Array
-    num_warmup: Array
+    ema_std: Array
+    warmup: History
 
 
-_state.register_state(ZClipState, "zclip", extra_fields=("ema_mean", "ema_var"))
-
-
+@register_factory(threshold="max_norm", test_kwargs={"warmup_steps": 3})
 def zclip(
     *,
     alpha: float = 0.97,
@@ -62,7 +70,10 @@ def zclip(
     paper's reciprocal rule: the bigger the outlier, the harder the clip) or to
     ``mu`` (``mode="mean"``). ``mode="percentile"`` clips any norm above
     ``mu + z_thresh * sigma`` to that value. The threshold is then capped at
-    ``max_norm``.
+    ``max_norm``. One expression decides both what is a spike and where the
+    clip boundary is: a step is a spike exactly when its norm is above the
+    ``threshold`` the stats report for a non-spike step, so a step that is not
+    a spike is never clipped by the relative rule.
 
     Update order, as in the authors' reference implementation, per step:
 
@@ -76,6 +87,9 @@ def zclip(
        ``max_norm`` cap is not fed back, as in the reference):
        ``mu <- alpha mu + (1 - alpha) x``, then
        ``sigma^2 <- alpha sigma^2 + (1 - alpha) (x - mu)^2`` with the *new* ``mu``.
+       ``sigma`` itself is stored and updated scaled by its largest term, so a
+       huge but finite norm (above 1.8e19, whose square overflows float32)
+       gives a large finite ``sigma``, not an infinite threshold.
 
     Non-finite norms never enter the warmup buffer or the EMAs (the reference
     would make them NaN for good); that step's output is NaN (library policy)
@@ -89,7 +103,8 @@ def zclip(
         ``threshold`` (for a non-spike step the stats hold the spike boundary
         ``mu + z_thresh (sigma + eps)``, capped at ``max_norm``);
       * a non-spike norm under ``max_norm`` comes back bit-identical;
-      * rescaling only; one float32 overflow-safe global norm per step; with
+      * rescaling only; one float32 (float64 for float64 gradients)
+        overflow-safe global norm per step; with
         ``axis_name`` it covers all shards, so every shard keeps the same EMAs.
 
     Edge cases:
@@ -101,7 +116,11 @@ def zclip(
       zero gradients               zeros; the EMAs see 0
       constant norms (sigma = 0)   any larger norm is a spike, clipped to
                                    ``mu`` (every mode)
-      NaN / inf norm               every entry NaN; EMAs and warmup untouched
+      NaN / inf norm               every entry NaN, in warmup too and with
+                                   ``max_norm=None``; EMAs and warmup
+                                   untouched
+      a huge finite norm           clipped as any spike; the EMAs stay
+                                   finite
       ``max_norm = None``          no absolute cap (relative only)
       invalid static argument      ``ValueError`` naming it
       ===========================  ===========================================
@@ -117,6 +136,10 @@ def zclip(
       axis_name: under ``shard_map``/``pmap``, the axis the gradients are
         sharded over.
 
+    Returns:
+      The clipper; its state is
+      ``ZClipState(count, stats, ema_mean, ema_std, warmup)``.
+
     Example:
       >>> import jax.numpy as jnp, optaxclip as oc
       >>> tx = oc.zclip(warmup_steps=2, max_norm=None)
@@ -130,87 +153,74 @@ def zclip(
       Kumar, Owen, Chowdhury and Güra, "ZClip: Adaptive Spike Mitigation for LLM
       Pre-Training", 2025.
     """
-    alpha = _validate.validate_real(
+    alpha = validate_real(
         alpha, "alpha", low=0.0, high=1.0, high_open=True,
         hint="At 1 the EMAs never move. Try 0.97.",
     )
-    z_thresh = _validate.validate_real(z_thresh, "z_thresh", low=0.0, high=math.inf, low_open=True)
-    warmup_steps = _validate.validate_int(warmup_steps, "warmup_steps")
+    z_thresh = validate_real(z_thresh, "z_thresh", low=0.0, high=math.inf, low_open=True)
+    warmup_steps = validate_int(warmup_steps, "warmup_steps")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}; got {mode!r}.")
     if max_norm is not None:
-        _validate.validate_threshold(max_norm, "max_norm")
-    eps = _validate.validate_eps(eps)
-    axis_name = _validate.validate_axis_name(axis_name)
+        validate_threshold(max_norm, "max_norm")
+    eps = validate_eps(eps)
     cap = math.inf if max_norm is None else max_norm
+    spec = ClipSpec(
+        "zclip",
+        scope="global",
+        axis_name=validate_axis_name(axis_name),
+        stat_fields=("ema_mean", "ema_std"),
+        strict_nonfinite=True,
+    )
 
-    def init_fn(params: Any) -> ZClipState:
+    def init(params: Any) -> dict[str, Any]:
+        dtype = _history.dtype_for(params)
+        return {
+            "ema_mean": jnp.zeros([], dtype),
+            "ema_std": jnp.zeros([], dtype),
+            "warmup": _history.empty(warmup_steps, dtype),
+        }
+
+    def threshold(norm: Array, state: ZClipState, params: Any) -> tuple[Array, dict]:
         del params
-        zero = jnp.zeros([], jnp.int32)
-        return ZClipState(
-            count=zero,
-            stats=_state.initial_stats(jnp.zeros([]), _scaling.threshold_at(cap, zero)),
-            ema_mean=jnp.zeros([], jnp.float32),
-            ema_var=jnp.zeros([], jnp.float32),
-            warmup_norms=jnp.zeros([warmup_steps], jnp.float32),
-            num_warmup=zero,
-        )
-
-    def update_fn(updates: Any, state: ZClipState, params: Any = None, **extra):
-        del params, extra
-        norm = _norms.global_norm(updates, axis_name=axis_name).astype(jnp.float32)
+        norm = norm.astype(state.ema_mean.dtype)
         finite = jnp.isfinite(norm)
-        limit = _scaling.threshold_at(cap, state.count).astype(jnp.float32)
-        in_warmup = state.num_warmup < warmup_steps
+        limit = _scaling.threshold_at(cap, state.count).astype(norm.dtype)
+        in_warmup = state.warmup.num_recorded < warmup_steps
 
         # Warmup: record the norm; the last one initialises the EMAs.
         record = finite & in_warmup
-        warmup_norms = jnp.where(
-            record, state.warmup_norms.at[state.num_warmup].set(norm), state.warmup_norms
-        )
-        num_warmup = state.num_warmup + record.astype(jnp.int32)
-        first_mean = jnp.mean(warmup_norms)
-        first_var = jnp.mean(jnp.square(warmup_norms - first_mean))
-        warmup_done = record & (num_warmup == warmup_steps)
+        warmup = _history.record(state.warmup, norm, record)
+        warmup_done = record & (warmup.num_recorded == warmup_steps)
+        first_mean, first_std = _history.mean_std(warmup)
 
-        # After warmup: z-score against the current EMAs.
-        std = jnp.sqrt(state.ema_var)
-        denominator = std + eps
-        zscore = (norm - state.ema_mean) / jnp.where(denominator > 0, denominator, 1)
-        if mode == "percentile":
-            boundary = state.ema_mean + z_thresh * std
-            spike = norm > boundary
-            adaptive = boundary
+        # After warmup, one boundary decides both "spike" and the clip limit.
+        mean, std = state.ema_mean, state.ema_std
+        spread = std if mode == "percentile" else std + eps
+        boundary = mean + z_thresh * spread
+        spike = ~in_warmup & (norm > boundary)
+        if mode == "zscore":
+            # mu + z^2 sigma / z with z = (norm - mu) / (sigma + eps), written so it
+            # neither divides by zero (sigma = eps = 0) nor overflows: the ratio is
+            # below 1 / z_thresh on a spike.
+            excess = jnp.where(spike, norm - mean, 1)
+            adaptive = mean + z_thresh * std * (z_thresh * spread / excess)
+        elif mode == "mean":
+            adaptive = mean
         else:
-            boundary = state.ema_mean + z_thresh * denominator
-            spike = zscore > z_thresh
-            if mode == "zscore":
-                safe_z = jnp.where(spike, zscore, 1)
-                adaptive = state.ema_mean + z_thresh * z_thresh * std / safe_z
-            else:
-                adaptive = state.ema_mean
-        spike = spike & ~in_warmup
+            adaptive = boundary
         relative = jnp.where(spike, adaptive, boundary)
         threshold = jnp.where(in_warmup, limit, jnp.minimum(relative, limit))
 
         fed_back = jnp.where(spike, adaptive, norm)
-        new_mean = alpha * state.ema_mean + (1 - alpha) * fed_back
-        new_var = alpha * state.ema_var + (1 - alpha) * jnp.square(fed_back - new_mean)
-        update_ema = finite & ~in_warmup
-        ema_mean = jnp.where(update_ema, new_mean, state.ema_mean)
-        ema_var = jnp.where(update_ema, new_var, state.ema_var)
-        ema_mean = jnp.where(warmup_done, first_mean, ema_mean)
-        ema_var = jnp.where(warmup_done, first_var, ema_var)
+        new_mean = alpha * mean + (1 - alpha) * fed_back
+        new_std = _history.scaled_rms(alpha, std, 1 - alpha, fed_back - new_mean)
+        live = finite & ~in_warmup
+        ema_mean = jnp.where(warmup_done, first_mean, jnp.where(live, new_mean, mean))
+        ema_std = jnp.where(warmup_done, first_std, jnp.where(live, new_std, std))
+        return threshold, {"ema_mean": ema_mean, "ema_std": ema_std, "warmup": warmup}
 
-        scale, clipped = _scaling.scale_factor(norm, threshold)
-        out = jax.tree.map(lambda g: _scaling.apply_scale(g, scale), updates)
-        return out, ZClipState(
-            count=optax.safe_increment(state.count),
-            stats=_state.make_stats(norm, threshold, scale, clipped),
-            ema_mean=ema_mean,
-            ema_var=ema_var,
-            warmup_norms=warmup_norms,
-            num_warmup=num_warmup,
-        )
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    rule = ThresholdRule(
+        threshold=threshold, init=init, fields=("ema_mean", "ema_std", "warmup")
+    )
+    return make_clipper(spec, rule, state_cls=ZClipState)

@@ -206,7 +206,7 @@ def test_norm_exactly_at_threshold_is_bit_identical(name, mode):
     assert own_norm == pytest.approx(max(np_scope_norms(name, grads)), rel=1e-6)
     out, state = clip(name, own_norm, grads, mode)
     assert_bit_identical(out, grads)
-    assert not any(bool(c) for c in jax.tree.leaves(state.stats.clipped))
+    assert not any(bool(c) for c in jax.tree.leaves(state.stats.was_clipped()))
 
 
 def test_threshold_zero_gives_zeros(name, mode):
@@ -215,7 +215,7 @@ def test_threshold_zero_gives_zeros(name, mode):
     for leaf, grad in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
         assert leaf.dtype == grad.dtype
         np.testing.assert_array_equal(leaf, np.zeros_like(grad))
-    assert all(bool(c) for c in jax.tree.leaves(state.stats.clipped))
+    assert all(bool(c) for c in jax.tree.leaves(state.stats.was_clipped()))
 
 
 @pytest.mark.parametrize("bad", [(1.0, INF), (math.nan, 2.0), (-INF, math.nan)])
@@ -223,7 +223,7 @@ def test_threshold_inf_is_identity_even_for_non_finite_gradients(name, mode, bad
     grads = G(w=[[3e30, -4.0], bad], h=[7.0, -1.0], c=[1e30j])
     out, state = clip(name, INF, grads, mode)
     assert_bit_identical(out, grads)
-    assert not any(bool(c) for c in jax.tree.leaves(state.stats.clipped))
+    assert not any(bool(c) for c in jax.tree.leaves(state.stats.was_clipped()))
 
 
 @pytest.mark.parametrize("bad", [-1.0, -1e-30, -INF, math.nan, jnp.float32(-2.0),
@@ -327,7 +327,7 @@ def test_non_finite_gradients_follow_the_documented_policy(name, mode, bad):
         leaf_norm = float(state.stats.norm["w"])
         assert math.isnan(leaf_norm) if math.isnan(bad) else leaf_norm == INF
         assert math.isnan(float(state.stats.scale["w"]))
-        assert bool(state.stats.clipped["w"])
+        assert bool(state.stats.was_clipped()["w"])
 
 
 # ------------------------------------------------------------ threshold forms
@@ -535,5 +535,6 @@ def test_nan_traced_threshold_poisons_output_and_stats(factory):
         assert bool(jnp.all(jnp.isnan(leaf)))
     recorded = oc.stats(state)
     name = factory.__name__
-    assert bool(jnp.isnan(recorded[f"{name}/scale"]))
+    if name != "clip_by_value":  # element-wise clipping records no common scale
+        assert bool(jnp.isnan(recorded[f"{name}/scale"]))
     assert bool(recorded[f"{name}/clipped"])

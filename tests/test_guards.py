@@ -47,7 +47,11 @@ def norm64(tree) -> float:
 
 
 def skip_ref(norms, losses, *, window, z, min_history, max_skips, spikes=True):
-    """Which steps are skipped, in float64."""
+    """Which steps ``skip_on_spike`` skips, in float64.
+
+    After ``max_skips`` skips in a row the windows are emptied (the level moved),
+    so the next finite step is applied; non-finite steps are always skipped.
+    """
     history = collections.deque(maxlen=window)
     loss_history = collections.deque(maxlen=window)
     consecutive, skipped = 0, []
@@ -59,10 +63,13 @@ def skip_ref(norms, losses, *, window, z, min_history, max_skips, spikes=True):
 
     for step, norm in enumerate(norms):
         loss = None if losses is None else losses[step]
+        if max_skips is not None and consecutive >= max_skips:
+            history.clear()
+            loss_history.clear()
         bad = not math.isfinite(norm) or is_spike(norm, history)
         if loss is not None:
             bad = bad or not math.isfinite(loss) or is_spike(loss, loss_history)
-        skip = bad and not (max_skips is not None and consecutive >= max_skips)
+        skip = bad
         if not skip and math.isfinite(norm):
             history.append(norm)
         if not skip and loss is not None and math.isfinite(loss):

@@ -6,6 +6,7 @@ import re
 
 import chex
 import flax.serialization
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,12 +56,20 @@ def test_every_clipper_records_norm_threshold_scale_clipped(name):
     assert isinstance(recorded, oc.ClipStats)
     chex.assert_type(jax.tree.leaves(recorded.norm), jnp.float32)
     chex.assert_type(recorded.threshold, jnp.float32)
-    chex.assert_type(jax.tree.leaves(recorded.clipped), jnp.bool_)
+    flags = recorded.was_clipped()
+    chex.assert_type(jax.tree.leaves(flags), jnp.bool_)
     assert float(recorded.threshold) == 2.0
+    if name == "clip_by_value":
+        # Entries are clipped one by one: no common factor is recorded, the flag is.
+        assert recorded.scale is None
+        np.testing.assert_allclose(float(recorded.norm), norms[""], rtol=1e-6)
+        assert bool(flags) and bool(recorded.clipped)
+        assert f"{name}/scale" not in oc.stats(state)
+        return
     if set(norms) == {""}:
-        leaves = {"": (recorded.norm, recorded.scale, recorded.clipped)}
+        leaves = {"": (recorded.norm, recorded.scale, flags)}
     else:
-        leaves = {k: (recorded.norm[k], recorded.scale[k], recorded.clipped[k]) for k in norms}
+        leaves = {k: (recorded.norm[k], recorded.scale[k], flags[k]) for k in norms}
     for key, (norm, scale, clipped) in leaves.items():
         np.testing.assert_allclose(float(norm), norms[key], rtol=1e-6)
         np.testing.assert_allclose(float(scale), scales[key], rtol=1e-6)
@@ -84,12 +93,20 @@ def test_per_leaf_stats_and_keys(name):
     clipped_fraction = np.mean([n > 2.0 for n in norms.values()])
     assert float(summary[f"{name}/clipped_fraction"]) == clipped_fraction
     detailed = oc.stats(state, per_leaf=True)
+    per_leaf_fields = ("norm", "scale", "clipped")
     for key, norm in norms.items():
-        np.testing.assert_allclose(float(detailed[f"{name}/norm/{key}"]), norm, rtol=1e-6)
-    assert set(detailed) - set(summary) == {f"{name}/norm/{key}" for key in norms}
+        np.testing.assert_allclose(float(detailed[f"{name}/leaves/{key}/norm"]), norm, rtol=1e-6)
+        assert bool(detailed[f"{name}/leaves/{key}/clipped"]) == (norm > 2.0)
+    assert set(detailed) - set(summary) == {
+        f"{name}/leaves/{key}/{field}" for key in norms for field in per_leaf_fields
+    }
+    # No key is both a value and a prefix, so the dict unflattens into a tree.
+    flax.traverse_util.unflatten_dict(detailed, sep="/")
     # One leaf or many, a per-leaf clipper reports the same kinds of keys.
     _, state = tx.update({"w": GRADS["w"]}, tx.init({"w": GRADS["w"]}))
-    assert set(oc.stats(state, per_leaf=True)) == set(summary) | {f"{name}/norm/w"}
+    assert set(oc.stats(state, per_leaf=True)) == set(summary) | {
+        f"{name}/leaves/w/{field}" for field in per_leaf_fields
+    }
 
 
 def test_stats_works_under_jit_and_returns_arrays():
@@ -155,8 +172,8 @@ def test_stats_through_inject_hyperparams_and_masked():
     assert float(summary["clip_by_global_norm/norm"]) == pytest.approx(TOTAL_NORM, 1e-6)
     # The masked clipper saw only "w", after the global clip to norm 2.
     want = 2.0 * W_NORM / TOTAL_NORM
-    assert float(summary["clip_by_norm/norm/w"]) == pytest.approx(want, rel=1e-6)
-    assert "clip_by_norm/norm/b" not in summary
+    assert float(summary["clip_by_norm/leaves/w/norm"]) == pytest.approx(want, rel=1e-6)
+    assert "clip_by_norm/leaves/b/norm" not in summary
 
 
 def test_stats_in_multi_transform_use_the_labels():
@@ -189,9 +206,16 @@ def test_stats_in_multisteps_reflect_the_real_step():
     assert int(state.inner_opt_state[0].count) == 1
 
 
-def test_stats_of_a_state_without_clippers_is_empty():
-    tx = optax.adam(1e-3)
-    assert oc.stats(tx.init(GRADS)) == {}
+def test_stats_of_a_state_without_clippers_is_empty_and_says_why():
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    with pytest.warns(UserWarning, match="optax's own clipper"):
+        assert oc.stats(tx.init(GRADS)) == {}
+
+
+@pytest.mark.parametrize("bad", ["abc", object(), {"w": "x"}])
+def test_stats_of_something_that_is_not_a_state_raises(bad):
+    with pytest.raises(TypeError, match="opt_state must be an optax state"):
+        oc.stats(bad)
 
 
 # ------------------------------------------------- recording costs no pass

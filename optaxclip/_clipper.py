@@ -1,0 +1,359 @@
+"""The one skeleton every clipper is built from: ``make_clipper(spec, rule)``.
+
+An update runs the same five steps for every clipper:
+
+1. **measure** the norm(s) the spec's scope asks for (``_norms``: one fused,
+   overflow-safe read of the gradients);
+2. ask the **rule** for the threshold: a fixed number or schedule
+   (``fixed_threshold``), or a pure function of the norm, the clipper's own
+   state and the parameters (adaptive clippers);
+3. turn norm and threshold into a **scale** (``_scaling.scale_factor``);
+4. **apply** it to each leaf in the leaf's own dtype;
+5. return the new state: step count, ``ClipStats`` and the rule's fields.
+
+The state's dtypes never change after ``init`` (state restored as numpy
+arrays is accepted, and donated state can be reused), so ``lax.scan`` carries,
+donation and checkpoints all see one layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from optaxclip import _norms, _scaling, _spec, _validate
+from optaxclip._norms import is_float_leaf
+from optaxclip._spec import ClipSpec
+from optaxclip._state import ClipStats
+
+Array = jax.Array
+
+__all__ = ["ThresholdRule", "fixed_threshold", "make_clipper"]
+
+# (norm, state, params) -> (threshold, {rule field: new value})
+ThresholdFn = Callable[[Any, Any, Any], tuple[Any, dict[str, Any]]]
+
+
+def _no_fields(params: Any) -> dict[str, Any]:
+    del params
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdRule:
+    """Where a clipper's threshold comes from.
+
+    Attributes:
+      threshold: ``(norm, state, params) -> (threshold, new_fields)``. ``norm``
+        is what the spec's scope measured (a scalar, or a tree of per-leaf or
+        per-unit arrays), ``state`` the clipper's state before this update (its
+        ``count`` is the step), ``params`` what ``update`` was given. It returns
+        the threshold (a scalar, or a tree shaped like ``norm``) and the new
+        values of the rule's own state fields. Must be pure and jit-friendly.
+      init: ``params -> {field: initial array}`` for the rule's state fields.
+      fields: the names of those fields, in order (they follow ``count`` and
+        ``stats`` in the state).
+      needs_params: ``update`` raises a clear error when called without params.
+      initial: ``(norm, params) -> threshold`` recorded by ``init``, before any
+        update; by default ``threshold`` is called with zero norms. Rules whose
+        threshold needs collectives (``axis_name``) or real parameters supply it.
+    """
+
+    threshold: ThresholdFn
+    init: Callable[[Any], dict[str, Any]] = _no_fields
+    fields: tuple[str, ...] = ()
+    needs_params: bool = False
+    initial: Callable[[Any, Any], Any] | None = None
+
+
+def fixed_threshold(value: _scaling.Threshold, name: str = "threshold") -> ThresholdRule:
+    """A rule for a threshold that is a number, a scalar array or a schedule of the step.
+
+    ``name`` is the argument's name in error messages. A static value is
+    validated now; a traced or scheduled one is clamped at 0 at update time.
+    """
+    _validate.validate_threshold(value, name)
+
+    def threshold(norm: Any, state: Any, params: Any) -> tuple[Array, dict[str, Any]]:
+        del norm, params
+        return _scaling.threshold_at(value, state.count), {}
+
+    return ThresholdRule(threshold=threshold)
+
+
+@functools.cache
+def _generated_state_class(name: str, fields: tuple[str, ...]) -> type:
+    class_name = "".join(part.capitalize() for part in name.split("_")) + "State"
+    annotations = [("count", Array), ("stats", ClipStats)] + [(f, Any) for f in fields]
+    return NamedTuple(class_name, annotations)
+
+
+def make_clipper(
+    spec: ClipSpec, rule: ThresholdRule, *, state_cls: type | None = None
+) -> optax.GradientTransformationExtraArgs:
+    """Builds a clipper from its spec and its threshold rule.
+
+    The result is an ordinary ``optax.GradientTransformationExtraArgs``. Its
+    update function carries ``spec`` (``optaxclip.spec_of``), and its state class
+    is registered with it, so ``stats()``, ``check_order``, ``checked`` and the
+    contract checks in ``optaxclip.testing`` handle it like a built-in clipper.
+
+    Args:
+      spec: what the clipper is (name, scope, role, norm order ...).
+      rule: where its threshold comes from, e.g. ``fixed_threshold(1.0)``.
+      state_cls: a ``NamedTuple`` with fields ``("count", "stats", *rule.fields)``;
+        by default one is made, named after ``spec.name``
+        (``"clip_by_rms"`` -> ``ClipByRmsState``).
+
+    Returns:
+      The clipper; its state is ``state_cls(count, stats, *rule fields)``.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> spec = oc.ClipSpec("clip_by_max_entry", scope="global", ord=float("inf"))
+      >>> tx = oc.make_clipper(spec, oc.fixed_threshold(1.0))
+      >>> out, state = tx.update([jnp.array([4.0, -2.0])], tx.init(None))
+      >>> out[0].tolist(), float(oc.stats(state)["clip_by_max_entry/norm"])
+      ([1.0, -0.5], 4.0)
+    """
+    if not isinstance(spec, ClipSpec):
+        raise TypeError(f"spec must be an optaxclip.ClipSpec; got {type(spec).__name__}.")
+    if not isinstance(rule, ThresholdRule):
+        raise TypeError(
+            f"rule must be an optaxclip.ThresholdRule (e.g. optaxclip.fixed_threshold(1.0)); "
+            f"got {type(rule).__name__}."
+        )
+    expected = ("count", "stats", *rule.fields)
+    if state_cls is None:
+        state_cls = _generated_state_class(spec.name, tuple(rule.fields))
+    elif tuple(getattr(state_cls, "_fields", ())) != expected:
+        raise ValueError(
+            f"state_cls {getattr(state_cls, '__name__', state_cls)!r} must be a NamedTuple with "
+            f"fields {expected}; got {getattr(state_cls, '_fields', None)}."
+        )
+    _spec.register_spec(state_cls, spec)
+
+    def init_fn(params: Any) -> Any:
+        norm = _initial_norm(spec, params)
+        fields = rule.init(params)
+        _check_fields(spec, rule, fields)
+        placeholder = state_cls(
+            count=jnp.zeros([], jnp.int32),
+            stats=ClipStats(norm=norm, threshold=jnp.zeros([], jnp.float32)),
+            **fields,
+        )
+        if rule.initial is not None:
+            threshold = rule.initial(norm, params)
+        else:
+            threshold, _ = rule.threshold(norm, placeholder, params)
+        state = placeholder._replace(stats=_initial_stats(spec, norm, threshold))
+        # Every field its own buffer, so that the whole state can be donated.
+        return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> Any:
+        del extra_args
+        if rule.needs_params and params is None:
+            raise ValueError(
+                f"{spec.name} needs the parameters: its threshold depends on them. "
+                f"Call tx.update(grads, state, params)."
+            )
+        # Restored checkpoints hold numpy arrays; everything below wants jax arrays.
+        state = jax.tree.map(jnp.asarray, state)
+        norm = measure(spec, updates)
+        threshold, fields = rule.threshold(norm, state, params)
+        _check_fields(spec, rule, fields)
+        out, record = _clip(spec, updates, norm, threshold)
+        new_state = state._replace(
+            count=optax.safe_increment(state.count), stats=record, **fields
+        )
+        return out, _keep_dtypes(new_state, state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, _spec.attach(update_fn, spec))
+
+
+def _check_fields(spec: ClipSpec, rule: ThresholdRule, fields: Any) -> None:
+    if not isinstance(fields, dict) or set(fields) - set(rule.fields):
+        raise ValueError(
+            f"{spec.name}: the threshold rule must return a dict with keys among "
+            f"{rule.fields}; got {fields!r}."
+        )
+
+
+def _keep_dtypes(new: Any, old: Any) -> Any:
+    """``new`` with every leaf cast to the dtype ``old`` had (the layout init made)."""
+    new_leaves, treedef = jax.tree.flatten(new)
+    old_leaves, old_treedef = jax.tree.flatten(old)
+    if treedef != old_treedef:
+        return new
+    return treedef.unflatten(
+        n.astype(o.dtype) if n.dtype != o.dtype else n for n, o in zip(new_leaves, old_leaves)
+    )
+
+
+# ---------------------------------------------------------------- scopes
+
+
+def reduced_axes(spec: ClipSpec, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The axes one norm of ``spec`` reduces over in a leaf of ``shape`` (None: all)."""
+    if spec.scope != "unit" or len(shape) <= 1:
+        return None
+    ndim = len(shape)
+    kept = set()
+    for axis in spec.unit_axes:
+        if not -ndim <= axis < ndim:
+            raise ValueError(
+                f"{spec.name}: unit axis {axis} is out of range for a leaf of shape {shape}. "
+                f"Pass an output axis that every >1-D leaf has, e.g. axis=-1."
+            )
+        kept.add(axis % ndim)
+    return tuple(i for i in range(ndim) if i not in kept)
+
+
+def _unit_shape(spec: ClipSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    axes = reduced_axes(spec, shape)
+    if axes is None:
+        return ()
+    return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+
+def _per_leaf(spec: ClipSpec) -> bool:
+    return spec.scope in ("leaf", "unit")
+
+
+def _initial_norm(spec: ClipSpec, params: Any) -> Any:
+    if not _per_leaf(spec):
+        leaves = [x for x in jax.tree.leaves(params) if is_float_leaf(x)]
+        dtype = _norms._widest([jnp.asarray(x) if not hasattr(x, "dtype") else x for x in leaves])
+        return jnp.zeros([], dtype)
+
+    def zeros(x: Any) -> Array:
+        if not is_float_leaf(x):
+            return jnp.zeros([], jnp.float32)
+        return jnp.zeros(_unit_shape(spec, tuple(jnp.shape(x))), _norms.accumulation_dtype(x.dtype))
+
+    return jax.tree.map(zeros, params)
+
+
+def _initial_stats(spec: ClipSpec, norm: Any, threshold: Any) -> ClipStats:
+    if spec.scope == "element":
+        return ClipStats(norm=norm, threshold=threshold, clipped=jnp.zeros([], bool))
+    return ClipStats(norm=norm, threshold=threshold, scale=jax.tree.map(jnp.ones_like, norm))
+
+
+def _float_positions(leaves: list[Any]) -> list[int]:
+    return [i for i, x in enumerate(leaves) if is_float_leaf(x)]
+
+
+def _root_count(count: int, axis_name: Any) -> Array:
+    """The square root of how many entries a norm covers, across ``axis_name`` shards too."""
+    total = lax.psum(count, axis_name) if axis_name is not None else count
+    return jnp.sqrt(jnp.maximum(jnp.asarray(total, jnp.float32), 1))
+
+
+def measure(spec: ClipSpec, updates: Any) -> Any:
+    """The norm(s) ``spec`` clips by: a scalar, or a tree of per-leaf/unit arrays."""
+    if spec.scope == "element":
+        return _norms.global_norm(updates, math.inf, axis_name=spec.axis_name)
+    if spec.scope == "global":
+        norm = _norms.global_norm(updates, spec.ord, axis_name=spec.axis_name)
+        if spec.rms:
+            count = sum(jnp.size(x) for x in jax.tree.leaves(updates) if is_float_leaf(x))
+            norm = norm / _root_count(count, spec.axis_name).astype(norm.dtype)
+        return norm
+    leaves, treedef = jax.tree.flatten(updates)
+    positions = _float_positions(leaves)
+    arrays = [jnp.asarray(leaves[i]) for i in positions]
+    axes = [reduced_axes(spec, tuple(x.shape)) for x in arrays]
+    norms = _norms.unit_norms(arrays, spec.ord, axes=axes, axis_name=spec.axis_name)
+    out: list[Any] = [jnp.zeros([], jnp.float32) for _ in leaves]
+    for i, x, a, n in zip(positions, arrays, axes, norms):
+        if spec.rms:
+            count = math.prod(x.shape[d] for d in a) if a is not None else x.size
+            n = n / _root_count(count, spec.axis_name).astype(n.dtype)
+        out[i] = n
+    return treedef.unflatten(out)
+
+
+def _clip(spec: ClipSpec, updates: Any, norm: Any, threshold: Any) -> tuple[Any, ClipStats]:
+    strict = spec.strict_nonfinite
+    if spec.scope == "element":
+        return _clip_entries(spec, updates, norm, threshold)
+    if spec.scope == "global":
+        scale, _ = _scaling.scale_factor(norm, threshold, spec.eps, strict_nonfinite=strict)
+        out = jax.tree.map(lambda g: _scaling.apply_scale(g, scale), updates)
+        return out, ClipStats(norm=norm, threshold=threshold, scale=scale)
+    leaves, treedef = jax.tree.flatten(updates)
+    norm_leaves = treedef.flatten_up_to(norm)
+    # One scalar threshold serves every leaf; otherwise it is shaped like ``norm``.
+    shared = hasattr(threshold, "dtype") and jnp.ndim(threshold) == 0
+    limits = [threshold] * len(leaves) if shared else treedef.flatten_up_to(threshold)
+    out, scales = list(leaves), []
+    for i, (g, n, t) in enumerate(zip(leaves, norm_leaves, limits)):
+        s, _ = _scaling.scale_factor(n, jnp.asarray(t), spec.eps, strict_nonfinite=strict)
+        if not is_float_leaf(g):
+            s = jnp.ones_like(n)
+        else:
+            axes = reduced_axes(spec, tuple(jnp.shape(g)))
+            out[i] = _scaling.apply_scale(g, s if axes is None else jnp.expand_dims(s, axes))
+        scales.append(s)
+    return treedef.unflatten(out), ClipStats(
+        norm=norm, threshold=threshold, scale=treedef.unflatten(scales)
+    )
+
+
+def _clip_entries(spec: ClipSpec, updates: Any, norm: Array, threshold: Array):
+    """Element-wise clipping to ``[-threshold, threshold]``; complex entries by modulus."""
+    changed = []
+
+    def clip_leaf(g: Any) -> Any:
+        if not is_float_leaf(g):
+            return g
+        g = jnp.asarray(g)
+        if jnp.iscomplexobj(g):
+            modulus = _norms._magnitude(g, _norms.accumulation_dtype(g.dtype))
+            over = modulus > threshold
+            changed.append(jnp.any(over))
+            factor = jnp.where(over, threshold / jnp.where(over, modulus, 1), 1)
+            return _scaling.apply_scale(g, factor)
+        limit = round_down(threshold, g.dtype)
+        # Written as "not inside" so that a NaN limit (a broken schedule) clips
+        # every entry to NaN instead of passing the gradients through; at limit 0
+        # every entry goes to 0, subnormal ones too (XLA flushes them in compares).
+        outside = ~(jnp.abs(g) <= limit) | (limit == 0)
+        changed.append(jnp.any(outside & ~jnp.isnan(g)))
+        # The select hands back the input's own bits where nothing is clipped:
+        # XLA on CPU flushes subnormals to zero in min/max.
+        return jnp.where(outside, jnp.clip(g, -limit, limit), g)
+
+    out = jax.tree.map(clip_leaf, updates)
+    clipped = jnp.any(jnp.stack(changed)) if changed else jnp.zeros([], bool)
+    if spec.axis_name is not None:
+        clipped = lax.pmax(clipped.astype(jnp.int32), spec.axis_name) > 0
+    return out, ClipStats(norm=norm, threshold=threshold, clipped=clipped)
+
+
+def round_down(threshold: Array, dtype: Any) -> Array:
+    """The largest value of ``dtype`` that is <= ``threshold`` (``inf`` stays ``inf``).
+
+    A threshold at or above the dtype's largest finite value gives that value,
+    so an fp16 leaf clipped at 1e5 keeps its finite entries and maps ``inf`` to
+    65504, instead of computing ``inf - inf``.
+    """
+    real = jnp.finfo(dtype)
+    wide = threshold.astype(jnp.promote_types(threshold.dtype, jnp.float32))
+    capped = jnp.where(wide >= float(real.max), float(real.max), wide)
+    rounded = capped.astype(real.dtype)
+    too_big = rounded.astype(wide.dtype) > capped
+    # nextafter has no derivative: the one-step correction is a constant to jax.grad.
+    constant = lax.stop_gradient(rounded)
+    step = constant - jnp.nextafter(constant, jnp.zeros_like(constant))
+    limit = jnp.where(too_big, rounded - step, rounded)
+    return jnp.where(wide == math.inf, jnp.asarray(math.inf, real.dtype), limit)
