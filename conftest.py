@@ -11,3 +11,25 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Hypothesis profiles: "ci" (the default, what `make test` runs) keeps the contract
+# matrix inside the suite's time budget and is derandomized, so a run is
+# reproducible; "fuzz" (`make fuzz`) draws many more cases.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    max_examples=int(os.environ.get("OPTAXCLIP_CI_EXAMPLES", "12")),
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile(
+    "fuzz",
+    max_examples=int(os.environ.get("OPTAXCLIP_FUZZ_EXAMPLES", "400")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -19,12 +19,14 @@ import optax
 from jax.experimental import checkify
 
 from optaxclip import _clipper, _combinators, _norms, _spec, _validate
+from optaxclip._registry import register_factory
 from optaxclip._spec import ClipSpec
 from optaxclip._state import ClipStats
 
 Array = jax.Array
 
 
+@register_factory(kind="wrapper")
 def checked(
     tx: optax.GradientTransformation | optax.MultiSteps, *, rtol: float = 1e-6
 ) -> optax.GradientTransformationExtraArgs:

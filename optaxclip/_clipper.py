@@ -65,6 +65,8 @@ class ThresholdRule:
       initial: ``(norm, params) -> threshold`` recorded by ``init``, before any
         update; by default ``threshold`` is called with zero norms. Rules whose
         threshold needs collectives (``axis_name``) or real parameters supply it.
+      uses_updates: ``threshold`` also receives the gradients, as a fourth
+        argument (AdaGC needs them when a norm overflows float32).
     """
 
     threshold: ThresholdFn
@@ -72,6 +74,7 @@ class ThresholdRule:
     fields: tuple[str, ...] = ()
     needs_params: bool = False
     initial: Callable[[Any, Any], Any] | None = None
+    uses_updates: bool = False
 
 
 def fixed_threshold(value: _scaling.Threshold, name: str = "threshold") -> ThresholdRule:
@@ -152,6 +155,9 @@ def make_clipper(
         )
         if rule.initial is not None:
             threshold = rule.initial(norm, params)
+        elif rule.uses_updates:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            threshold, _ = rule.threshold(norm, placeholder, params, zeros)
         else:
             threshold, _ = rule.threshold(norm, placeholder, params)
         state = placeholder._replace(stats=_initial_stats(spec, norm, threshold))
@@ -168,7 +174,10 @@ def make_clipper(
         # Restored checkpoints hold numpy arrays; everything below wants jax arrays.
         state = jax.tree.map(jnp.asarray, state)
         norm = measure(spec, updates)
-        threshold, fields = rule.threshold(norm, state, params)
+        if rule.uses_updates:
+            threshold, fields = rule.threshold(norm, state, params, updates)
+        else:
+            threshold, fields = rule.threshold(norm, state, params)
         _check_fields(spec, rule, fields)
         out, record = _clip(spec, updates, norm, threshold)
         new_state = state._replace(
@@ -283,11 +292,10 @@ def measure(spec: ClipSpec, updates: Any) -> Any:
 
 
 def _clip(spec: ClipSpec, updates: Any, norm: Any, threshold: Any) -> tuple[Any, ClipStats]:
-    strict = spec.strict_nonfinite
     if spec.scope == "element":
         return _clip_entries(spec, updates, norm, threshold)
     if spec.scope == "global":
-        scale, _ = _scaling.scale_factor(norm, threshold, spec.eps, strict_nonfinite=strict)
+        scale = _scales(spec, updates, [norm], [threshold])[0]
         out = jax.tree.map(lambda g: _scaling.apply_scale(g, scale), updates)
         return out, ClipStats(norm=norm, threshold=threshold, scale=scale)
     leaves, treedef = jax.tree.flatten(updates)
@@ -295,18 +303,94 @@ def _clip(spec: ClipSpec, updates: Any, norm: Any, threshold: Any) -> tuple[Any,
     # One scalar threshold serves every leaf; otherwise it is shaped like ``norm``.
     shared = hasattr(threshold, "dtype") and jnp.ndim(threshold) == 0
     limits = [threshold] * len(leaves) if shared else treedef.flatten_up_to(threshold)
-    out, scales = list(leaves), []
-    for i, (g, n, t) in enumerate(zip(leaves, norm_leaves, limits)):
-        s, _ = _scaling.scale_factor(n, jnp.asarray(t), spec.eps, strict_nonfinite=strict)
-        if not is_float_leaf(g):
-            s = jnp.ones_like(n)
-        else:
-            axes = reduced_axes(spec, tuple(jnp.shape(g)))
-            out[i] = _scaling.apply_scale(g, s if axes is None else jnp.expand_dims(s, axes))
-        scales.append(s)
+    positions = _float_positions(leaves)
+    scales = [jnp.ones_like(n) for n in norm_leaves]
+    found = _scales(spec, [leaves[i] for i in positions], [norm_leaves[i] for i in positions],
+                    [limits[i] for i in positions])
+    out = list(leaves)
+    for i, s in zip(positions, found):
+        scales[i] = s
+        axes = reduced_axes(spec, tuple(jnp.shape(leaves[i])))
+        out[i] = _scaling.apply_scale(leaves[i], s if axes is None else jnp.expand_dims(s, axes))
     return treedef.unflatten(out), ClipStats(
         norm=norm, threshold=threshold, scale=treedef.unflatten(scales)
     )
+
+
+def _scales(spec: ClipSpec, xs: Any, norms: list[Array], thresholds: list[Any]) -> list[Array]:
+    """The scale of each norm; ``xs`` is the whole tree (global) or one array per norm.
+
+    A norm of finite gradients can exceed the accumulation dtype's range (float32
+    entries near 3.4e38): it is recorded as ``inf``, and its scale is then
+    computed from the norm's scaled parts, so finite input still gives finite
+    output inside the ball. That branch runs only when a norm is ``inf``.
+    """
+    strict = spec.strict_nonfinite
+    regular = [
+        _scaling.scale_factor(n, jnp.asarray(t), spec.eps, strict_nonfinite=strict)[0]
+        for n, t in zip(norms, thresholds)
+    ]
+    if spec.ord == math.inf or not norms:
+        return regular  # a max never overflows before its largest entry does
+
+    def rescued() -> list[Array]:
+        parts = norm_parts(spec, xs)
+        out = []
+        for (largest, root), n, t, s in zip(parts, norms, thresholds, regular):
+            t = jnp.asarray(t).astype(jnp.promote_types(jnp.asarray(t).dtype, largest.dtype))
+            ratio = (t / _norms._safe_divisor(largest)) / jnp.where(root > 0, root, 1)
+            exact = jnp.where(t == math.inf, 1, jnp.minimum(ratio, 1))
+            exact = jnp.where(jnp.isnan(t), jnp.nan, exact).astype(s.dtype)
+            overflowed = jnp.isposinf(n) & jnp.isfinite(largest)
+            out.append(jnp.where(overflowed, exact, s))
+        return out
+
+    overflow = jnp.any(jnp.stack([jnp.any(jnp.isposinf(n)) for n in norms]))
+    return lax.cond(overflow, rescued, lambda: regular)
+
+
+def norm_parts(spec: ClipSpec, xs: Any) -> list[tuple[Array, Array]]:
+    """``(largest magnitude, root)`` per norm of ``spec``, with ``norm = largest * root``.
+
+    ``root`` is the norm of the entries divided by the largest one (RMS-adjusted
+    when ``spec.rms``), so both parts are finite whenever the entries are, even
+    when their product overflows. ``xs`` is the whole tree (global scope) or one
+    array per norm (leaf and unit scopes).
+    """
+    p, axis_name = spec.ord, spec.axis_name
+    if spec.scope == "global":
+        leaves = [jnp.asarray(x) for x in jax.tree.leaves(xs) if is_float_leaf(x)]
+        acc = _norms._widest(leaves)
+        if not leaves:
+            return [(jnp.zeros([], acc), jnp.zeros([], acc))]
+        largest = jnp.max(jnp.stack([_norms._max_magnitude(x).astype(acc) for x in leaves]))
+        largest = lax.pmax(largest, axis_name) if axis_name is not None else largest
+        divisor = _norms._safe_divisor(largest)
+        total = sum(_norms._power_sum(_norms._divided(x, divisor, acc), p) for x in leaves)
+        total = lax.psum(total, axis_name) if axis_name is not None else total
+        root = _norms._root(total, p)
+        if spec.rms:
+            count = sum(x.size for x in leaves)
+            root = root / _root_count(count, axis_name).astype(root.dtype)
+        return [(largest, root)]
+    out = []
+    for x in xs:
+        x = jnp.asarray(x)
+        axes = reduced_axes(spec, tuple(x.shape))
+        acc = _norms.accumulation_dtype(x.dtype)
+        largest = _norms._max_magnitude(x, axes)
+        largest = lax.pmax(largest, axis_name) if axis_name is not None else largest
+        divisor = _norms._safe_divisor(largest)
+        if axes is not None:
+            divisor = jnp.expand_dims(divisor, axes)
+        total = _norms._power_sum(_norms._divided(x, divisor, acc), p, axes)
+        total = lax.psum(total, axis_name) if axis_name is not None else total
+        root = _norms._root(total, p)
+        if spec.rms:
+            count = math.prod(x.shape[a] for a in axes) if axes is not None else x.size
+            root = root / _root_count(count, axis_name).astype(root.dtype)
+        out.append((largest, root))
+    return out
 
 
 def _clip_entries(spec: ClipSpec, updates: Any, norm: Array, threshold: Array):
@@ -329,9 +413,11 @@ def _clip_entries(spec: ClipSpec, updates: Any, norm: Array, threshold: Array):
         # every entry goes to 0, subnormal ones too (XLA flushes them in compares).
         outside = ~(jnp.abs(g) <= limit) | (limit == 0)
         changed.append(jnp.any(outside & ~jnp.isnan(g)))
-        # The select hands back the input's own bits where nothing is clipped:
-        # XLA on CPU flushes subnormals to zero in min/max.
-        return jnp.where(outside, jnp.clip(g, -limit, limit), g)
+        # The selects hand back the input's own bits where nothing is clipped, and
+        # exact zeros at limit 0: XLA on CPU flushes subnormals in min/max, which
+        # would leave a subnormal entry in place.
+        clipped = jnp.where(limit == 0, jnp.zeros_like(g), jnp.clip(g, -limit, limit))
+        return jnp.where(outside, clipped, g)
 
     out = jax.tree.map(clip_leaf, updates)
     clipped = jnp.any(jnp.stack(changed)) if changed else jnp.zeros([], bool)

@@ -56,7 +56,18 @@ def accumulation_dtype(dtype: Any) -> Any:
 
 def _float_leaves(tree: Any) -> list[Array]:
     # None and optax.MaskedNode are empty pytrees, so tree.leaves already drops them.
-    return [jnp.asarray(x) for x in jax.tree.leaves(tree) if is_float_leaf(x)]
+    leaves = jax.tree.leaves(tree)
+    bad = sorted({type(x).__name__ for x in leaves if not _is_array_like(x)})
+    if bad:
+        raise TypeError(
+            f"expected a pytree of arrays (gradients, updates or parameters); it has "
+            f"leaves of type {bad}. Pass e.g. {{'w': jnp.ones(3)}}."
+        )
+    return [jnp.asarray(x) for x in leaves if is_float_leaf(x)]
+
+
+def _is_array_like(x: Any) -> bool:
+    return hasattr(x, "dtype") or isinstance(x, (bool, int, float, complex))
 
 
 def _widest(leaves: Sequence[Array]) -> Any:

@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 __all__ = ["FactoryInfo", "register_factory", "registered_factories"]
 
-Kind = Literal["clipper", "guard", "preset"]
+Kind = Literal["clipper", "guard", "preset", "wrapper"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -28,12 +28,16 @@ class FactoryInfo:
       name: the factory's name, e.g. ``"clip_by_global_norm"``.
       factory: the callable itself.
       kind: ``"clipper"`` (called with its limit), ``"guard"`` (called with an
-        inner transformation) or ``"preset"`` (``clipped(tx, **option)``).
+        inner transformation), ``"preset"`` (``clipped(tx, **option)``) or
+        ``"wrapper"`` (``checked(tx)``: same state and updates as ``tx``).
       threshold: the argument that sets the limit, or None when the limit is
         adaptive and has no such argument.
       test_kwargs: keyword arguments that keep a short test meaningful (e.g. a
         warmup of 2 steps instead of 100).
       needs_params: whether ``update`` needs the parameters (AGC).
+      limit_is_threshold: whether the threshold argument is the threshold
+        itself (fixed clippers), not a cap or a ratio; contract checks then
+        assert that the recorded threshold equals it.
     """
 
     name: str
@@ -42,6 +46,7 @@ class FactoryInfo:
     threshold: str | None = None
     test_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     needs_params: bool = False
+    limit_is_threshold: bool = False
 
     def build(self, threshold: Any = None, **kwargs: Any) -> Any:
         """The factory called with ``threshold`` (when it has a limit) and ``test_kwargs``."""
@@ -60,6 +65,7 @@ def register_factory(
     threshold: str | None = None,
     test_kwargs: Mapping[str, Any] | None = None,
     needs_params: bool = False,
+    limit_is_threshold: bool = False,
 ) -> Callable[[F], F]:
     """Decorator: records a public factory so it is enumerated with the built-in ones.
 
@@ -81,6 +87,7 @@ def register_factory(
             threshold=threshold,
             test_kwargs=types.MappingProxyType(dict(test_kwargs or {})),
             needs_params=needs_params,
+            limit_is_threshold=limit_is_threshold,
         )
         return factory
 

@@ -7,9 +7,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from optaxclip import _history, _norms, _scaling
-from optaxclip._clipper import ThresholdRule, make_clipper
+from optaxclip._clipper import ThresholdRule, make_clipper, norm_parts
+from optaxclip._norms import is_float_leaf
 from optaxclip._registry import register_factory
 from optaxclip._spec import ClipSpec
 from optaxclip._state import ClipStats
@@ -149,24 +151,25 @@ def adagc(
             "num_warmup": jnp.zeros([], jnp.int32),
         }
 
-    def threshold(norm: Any, state: AdaGCState, params: Any) -> tuple[Any, dict]:
+    def threshold(norm: Any, state: AdaGCState, params: Any, updates: Any) -> tuple[Any, dict]:
         del params
         leaves, treedef = jax.tree.flatten(norm)
         gammas = treedef.flatten_up_to(state.gamma)
         total = _norms.global_norm(leaves)
+        fractions = _fractions(spec, leaves, total, treedef.flatten_up_to(updates))
         in_warmup = state.num_warmup < warmup_steps
         absolute = _scaling.threshold_at(lambda_abs, state.count)
         relative = _scaling.threshold_at(lambda_rel, state.count)
         over = total > absolute
         limits, new_gammas = [], []
-        for norm_i, gamma in zip(leaves, gammas):
+        for norm_i, gamma, fraction in zip(leaves, gammas, fractions):
             dtype = jnp.promote_types(norm_i.dtype, gamma.dtype)
             norm_i, gamma = norm_i.astype(dtype), gamma.astype(dtype)
             # The global warmup clip, as each tensor's share of the budget; a
             # non-finite total poisons every tensor, as a global clip does.
-            share = absolute * (norm_i / jnp.where(over, total, 1))
+            share = absolute * fraction
             share = jnp.where(over & (norm_i > 0), share, absolute)
-            share = jnp.where(jnp.isfinite(total), share, jnp.nan)
+            share = jnp.where(jnp.isnan(fraction), jnp.nan, share)
             use_relative = ~in_warmup & jnp.isfinite(gamma)
             limit = jnp.where(use_relative, relative * gamma, share).astype(dtype)
             scale, _ = _scaling.scale_factor(norm_i, limit, strict_nonfinite=True)
@@ -184,5 +187,35 @@ def adagc(
         }
         return treedef.unflatten(limits), fields
 
-    rule = ThresholdRule(threshold=threshold, init=init, fields=("gamma", "num_warmup"))
+    rule = ThresholdRule(
+        threshold=threshold, init=init, fields=("gamma", "num_warmup"), uses_updates=True
+    )
     return make_clipper(spec, rule, state_cls=AdaGCState)
+
+
+def _fractions(spec: ClipSpec, norms: list, total: Array, updates: list) -> list:
+    """``norm_i / total`` per tensor: NaN when a gradient entry is not finite.
+
+    When the total (or a tensor's norm) overflows float32 although every entry is
+    finite, the fractions come from the norms' scaled parts instead.
+    """
+    safe_total = jnp.where(total > 0, total, 1)
+    direct = [n / safe_total for n in norms]
+
+    def rescued() -> list:
+        floats = [i for i, g in enumerate(updates) if is_float_leaf(g)]
+        parts = dict(zip(floats, norm_parts(spec, [updates[i] for i in floats])))
+        largest = jnp.max(jnp.stack([parts[i][0] for i in floats] or [jnp.zeros([])]))
+        sizes = [
+            (parts[i][0] / _norms._safe_divisor(largest)) * parts[i][1] if i in parts
+            else jnp.zeros([]) for i in range(len(norms))
+        ]
+        whole = jnp.sqrt(sum(jnp.square(x) for x in sizes))
+        finite = jnp.isfinite(largest)
+        return [
+            jnp.where(finite, x / jnp.where(whole > 0, whole, 1), jnp.nan).astype(d.dtype)
+            for x, d in zip(sizes, direct)
+        ]
+
+    regular = [jnp.where(jnp.isnan(total), jnp.nan, d) for d in direct]
+    return lax.cond(jnp.isposinf(total), rescued, lambda: regular)

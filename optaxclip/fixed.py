@@ -85,7 +85,7 @@ class ClipByBlockRmsState(NamedTuple):
     stats: ClipStats
 
 
-@register_factory(threshold="max_delta")
+@register_factory(threshold="max_delta", limit_is_threshold=True)
 def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs:
     """Clips every entry to ``[-max_delta, max_delta]``.
 
@@ -145,7 +145,7 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
     return make_clipper(spec, fixed_threshold(max_delta, "max_delta"), state_cls=ClipByValueState)
 
 
-@register_factory(threshold="max_norm")
+@register_factory(threshold="max_norm", limit_is_threshold=True)
 def clip_by_norm(
     max_norm: Threshold, *, ord: float | None = None, axis_name: AxisName = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -212,7 +212,7 @@ def clip_by_norm(
     return make_clipper(spec, fixed_threshold(max_norm, "max_norm"), state_cls=ClipByNormState)
 
 
-@register_factory(threshold="max_norm")
+@register_factory(threshold="max_norm", limit_is_threshold=True)
 def clip_by_global_norm(
     max_norm: Threshold,
     *,
@@ -298,7 +298,7 @@ def clip_by_global_norm(
     )
 
 
-@register_factory(threshold="threshold")
+@register_factory(threshold="threshold", limit_is_threshold=True)
 def clip_by_block_rms(
     threshold: Threshold, *, axis_name: AxisName = None
 ) -> optax.GradientTransformationExtraArgs:

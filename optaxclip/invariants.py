@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.experimental import checkify
 
-from optaxclip import _norms, _structure
+from optaxclip import _norms, _structure, _validate
 from optaxclip._checked import checked
 from optaxclip._structure import OrderingError, Stage, find_stages
 
@@ -361,12 +361,13 @@ def assert_moments_bounded(
       Sutskever, Martens, Dahl and Hinton, "On the importance of initialization
       and momentum in deep learning", ICML 2013.
     """
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not (
-        0 < max_norm < math.inf
-    ):
-        raise ValueError(f"max_norm must be a finite number > 0; got {max_norm!r}.")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1; got {steps!r}.")
+    max_norm = _validate.validate_real(
+        max_norm, "max_norm", low=0.0, high=math.inf, low_open=True, high_open=True,
+        hint="Pass the radius of the clip ball your clipper guarantees, e.g. max_norm=1.0.",
+    )
+    steps = _validate.validate_int(steps, "steps")
+    seed = _validate.validate_int(seed, "seed", minimum=0)
+    rtol = _validate.validate_real(rtol, "rtol", low=0.0, high=math.inf)
     tx = tx.gradient_transformation() if isinstance(tx, optax.MultiSteps) else tx
     stages = find_stages(tx, params)
     first_by_path = _structure.first_moment_paths(stages)

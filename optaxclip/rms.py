@@ -24,7 +24,7 @@ class ClipByRmsState(NamedTuple):
     stats: ClipStats
 
 
-@register_factory(threshold="max_rms")
+@register_factory(threshold="max_rms", limit_is_threshold=True)
 def clip_by_rms(
     max_rms: Threshold, *, axis_name: AxisName = None
 ) -> optax.GradientTransformationExtraArgs:

@@ -1,0 +1,600 @@
+"""Contract checks for clippers and guards, against float64 numpy references.
+
+``assert_clip_contracts`` runs one update of a clipper (eagerly, under ``jit``,
+``vmap``, with donated state, or on state restored as numpy arrays) and asserts
+every contract of DESIGN.md for that case: structure and dtypes, finite in gives
+finite out, the bound, identity at or below the threshold, direction (the
+recorded scale is the one applied), the non-finite policy, truthful stats and a
+stable, NaN-free state. ``assert_guard_contracts`` does the same for
+``skip_nonfinite``/``skip_on_spike``. Everything a check needs to know about a
+clipper comes from its ``ClipSpec``, so a clipper built with ``make_clipper``
+outside this package is checked like a built-in one; ``check_factory`` runs a
+small grid of cases over a registered factory.
+
+The suite's contract matrix (``tests/test_contracts.py``) generates cases for
+every registered factory and calls these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optaxclip import _clipper, _combinators, _spec
+from optaxclip._registry import FactoryInfo, registered_factories
+from optaxclip._spec import ClipSpec
+from optaxclip._state import ClipStats
+
+__all__ = [
+    "MODES",
+    "assert_clip_contracts",
+    "assert_guard_contracts",
+    "check_factory",
+    "clipper_spec",
+    "run_update",
+]
+
+Mode = Literal["eager", "jit", "vmap", "donated", "restored"]
+MODES: tuple[str, ...] = ("eager", "jit", "vmap", "donated", "restored")
+
+# Relative slack of the bound, as DESIGN.md states it.
+BOUND_RTOL = 1e-6
+# Recorded norms against the float64 reference (float32 accumulation).
+NORM_RTOL = 2e-5
+
+
+# ---------------------------------------------------------------- running
+
+
+def _copy(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def run_update(tx: Any, grads: Any, state: Any, params: Any = None, mode: str = "jit",
+               **extra_args: Any) -> tuple[Any, Any]:
+    """One ``tx.update`` in the given execution mode; returns ``(updates, new_state)``.
+
+    ``"vmap"`` runs a batch of two copies of the case and returns the first;
+    ``"donated"`` donates the state (a copy of it) to a jitted update;
+    ``"restored"`` first round-trips the state through ``jax.device_get`` (numpy
+    leaves, as a checkpoint restore gives) and updates eagerly.
+    """
+    if mode == "eager":
+        return tx.update(grads, state, params, **extra_args)
+    if mode == "jit":
+        return jax.jit(tx.update)(grads, state, params, **extra_args)
+    if mode == "donated":
+        update = jax.jit(tx.update, donate_argnums=(1,))
+        return update(grads, _copy(state), params, **extra_args)
+    if mode == "restored":
+        return tx.update(grads, jax.device_get(state), params, **extra_args)
+    if mode == "vmap":
+        stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x, x]), tree)
+        out, new_state = jax.vmap(lambda g, s: tx.update(g, s, params, **extra_args))(
+            stack(grads), stack(state)
+        )
+        return jax.tree.map(lambda x: x[0], out), jax.tree.map(lambda x: x[0], new_state)
+    raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
+
+
+def _find_clipper(tx: Any) -> tuple[ClipSpec | None, tuple[Any, ...]]:
+    """The clipper in ``tx`` (itself, the first step of a chain, or inside
+    ``inject_hyperparams``), and the key path of its state."""
+    update = _combinators.unwrap(tx.update)
+    spec = _spec.spec_of(update)
+    if spec is not None:
+        return spec, ()
+    entry = _combinators.combinator(update)
+    if entry is not None and entry.name == "chain":
+        first = _combinators.closure(update)["update_fns"][0]
+        inner = optax.GradientTransformationExtraArgs(None, first)
+        spec, path = _find_clipper(inner)
+        return spec, (0, *path)
+    inner = _spec.inner_of(update)
+    if inner is not None and inner[1] is None:  # checked and its taps: the same state
+        return _find_clipper(inner[0])
+    if entry is not None and entry.name == "inject_hyperparams":
+        inner = _combinators._rebuild_injected(tx.init, update)
+        if inner is not None:
+            spec, path = _find_clipper(inner)
+            return spec, ("inner_state", *path)
+    return None, ()
+
+
+def clipper_spec(tx: Any) -> ClipSpec | None:
+    """The spec of a clipper, of the first step of a chain (``clipped(...)``), or of the
+    clipper inside ``inject_hyperparams``."""
+    return _find_clipper(tx)[0]
+
+
+def _clipper_state(tx: Any, state: Any) -> Any:
+    for key in _find_clipper(tx)[1]:
+        state = getattr(state, key) if isinstance(key, str) else state[key]
+    return state
+
+
+# ---------------------------------------------------------------- references
+
+
+def _is_float(x: Any) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _wide(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+
+
+def _tiny(dtype: Any) -> float:
+    """Below this, XLA on CPU flushes the accumulation dtype's values to zero."""
+    acc = jnp.promote_types(jnp.finfo(dtype).dtype, jnp.float32)
+    return float(jnp.finfo(acc).tiny)
+
+
+def _magnitudes(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """``|x|`` in float64, with what XLA flushes to zero (each part of a complex) at 0."""
+    tiny = _tiny(dtype)
+    x = _wide(x)
+    if np.iscomplexobj(x):
+        flush = lambda part: np.where(np.abs(part) < tiny, 0.0, part)
+        return np.abs(flush(x.real) + 1j * flush(x.imag))
+    m = np.abs(x)
+    return np.where(m < tiny, 0.0, m)
+
+
+def _pnorm(m: np.ndarray, p: float, axis: Any = None) -> np.ndarray:
+    """The p-norm of magnitudes ``m``, scaled so float64 cannot overflow or underflow."""
+    if m.size == 0:
+        shape = np.sum(m, axis=axis, keepdims=True).shape
+        return np.zeros(shape)
+    largest = np.max(m, axis=axis, keepdims=True)
+    if p == math.inf:
+        return largest
+    usable = (largest > 0) & np.isfinite(largest)
+    safe = np.where(usable, largest, 1.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = np.sum((m / safe) ** p, axis=axis, keepdims=True) ** (1.0 / p)
+        return np.where(usable, largest * scaled, largest)
+
+
+def _group_norms(spec: ClipSpec, leaves: list[np.ndarray], dtypes: list[Any]) -> list[np.ndarray]:
+    """For each leaf, the float64 norm of the group each entry belongs to (broadcastable)."""
+    mags = [_magnitudes(x, d) for x, d in zip(leaves, dtypes)]
+    if spec.scope == "element":
+        return mags
+    if spec.scope == "global":
+        flat = np.concatenate([m.ravel() for m in mags]) if mags else np.zeros(0)
+        total = _pnorm(flat, spec.ord).reshape(())
+        if spec.rms:
+            total = total / math.sqrt(max(flat.size, 1))
+        return [np.broadcast_to(total, m.shape) for m in mags]
+    out = []
+    for m in mags:
+        axes = _clipper.reduced_axes(spec, m.shape)
+        norm = _pnorm(m, spec.ord, axis=axes)
+        if spec.rms:
+            count = math.prod(m.shape[a] for a in axes) if axes is not None else m.size
+            norm = norm / math.sqrt(max(count, 1))
+        out.append(np.broadcast_to(norm, m.shape))
+    return out
+
+
+def _recorded(spec: ClipSpec, values: Any, treedef: Any, positions: list[int],
+              shapes: list[tuple]) -> list[np.ndarray]:
+    """A recorded stat broadcast to each float leaf's shape."""
+    if spec.scope in ("global", "element") or (hasattr(values, "dtype") and np.ndim(values) == 0):
+        value = np.asarray(values, np.float64) if values is not None else None
+        return [np.broadcast_to(value, shape) for shape in shapes]
+    per_leaf = treedef.flatten_up_to(values)
+    out = []
+    for i, shape in zip(positions, shapes):
+        value = np.asarray(per_leaf[i], np.float64)
+        axes = _clipper.reduced_axes(spec, shape)
+        if axes is not None:
+            value = np.expand_dims(value, axes)
+        out.append(np.broadcast_to(value, shape))
+    return out
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if np.iscomplexobj(x):
+        return np.stack([_bits(x.real), _bits(x.imag)])
+    if x.dtype.kind == "f" or x.dtype.name == "bfloat16":
+        return x.view(np.dtype(f"u{x.dtype.itemsize}"))
+    return x
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Entry-wise: bit-identical, or both NaN."""
+    a, b = np.asarray(a), np.asarray(b)
+    nan_a, nan_b = np.isnan(_wide(a)), np.isnan(_wide(b))
+    if np.iscomplexobj(a):
+        equal = np.all(_bits(a) == _bits(b), axis=0)
+    else:
+        equal = _bits(a) == _bits(b)
+    return equal | (nan_a & nan_b)
+
+
+def _eps(dtype: Any) -> float:
+    return float(jnp.finfo(dtype).eps)
+
+
+def _fail(name: str, where: str, message: str) -> None:
+    raise AssertionError(f"{name}: {message} (at {where})")
+
+
+# ---------------------------------------------------------------- clippers
+
+
+def assert_clip_contracts(
+    tx: Any,
+    grads: Any,
+    state: Any = None,
+    params: Any = None,
+    *,
+    mode: str = "jit",
+    limit: float | None = None,
+) -> tuple[Any, Any]:
+    """Runs one update of clipper ``tx`` and asserts every contract for this case.
+
+    Args:
+      tx: a clipper built by ``make_clipper`` (or ``optax.chain(clipper, ...)``
+        whose later parts do nothing, as ``clipped(optax.identity(), ...)``).
+      grads: the gradients of this case.
+      state: the state to update from (default: ``tx.init(params or grads)``).
+      params: passed to ``update`` (AGC needs them).
+      mode: one of ``MODES``.
+      limit: the threshold ``tx`` was built with when it is the threshold itself
+        (fixed clippers); the recorded threshold must then equal it.
+
+    Returns:
+      ``(updates, new_state)``, for chaining cases (history).
+
+    Raises:
+      AssertionError naming the contract, the leaf and the values.
+    """
+    spec = clipper_spec(tx)
+    if spec is None:
+        raise TypeError("assert_clip_contracts needs a clipper built by optaxclip.make_clipper.")
+    name = spec.name
+    if state is None:
+        state = tx.init(grads if params is None else params)
+    out, new_state = run_update(tx, grads, state, params, mode)
+    _check_structure(name, grads, out)
+    _check_state(name, _clipper_state(tx, state), _clipper_state(tx, new_state))
+    record: ClipStats = _clipper_state(tx, new_state).stats
+
+    leaves, treedef = jax.tree.flatten(grads)
+    out_leaves = treedef.flatten_up_to(out)
+    positions = [i for i, x in enumerate(leaves) if _is_float(x)]
+    paths = [jax.tree_util.keystr(p) or "(root)" for p, _ in
+             jax.tree_util.tree_flatten_with_path(grads)[0]]
+    g = [np.asarray(leaves[i]) for i in positions]
+    o = [np.asarray(out_leaves[i]) for i in positions]
+    dtypes = [leaves[i].dtype for i in positions]
+    shapes = [x.shape for x in g]
+    n_in = _group_norms(spec, g, dtypes)
+    n_out = _group_norms(spec, o, dtypes)
+    rec_norm = _recorded(spec, record.norm, treedef, positions, shapes)
+    threshold = _recorded(spec, record.threshold, treedef, positions, shapes)
+    if limit is not None:
+        _check_limit(name, record.threshold, limit)
+    if spec.scope == "element":
+        _check_elements(name, [paths[i] for i in positions], g, o, dtypes, threshold, record)
+        _check_norms(name, "all leaves", [np.max(n, initial=0) for n in n_in],
+                     np.asarray(record.norm, np.float64), element=True)
+        return out, new_state
+    scale = _recorded(spec, record.scale, treedef, positions, shapes)
+    flags = _recorded(spec, record.was_clipped(), treedef, positions, shapes)
+    for k, i in enumerate(positions):
+        _check_scaled_leaf(spec, paths[i], g[k], o[k], dtypes[k], n_in[k], n_out[k],
+                           rec_norm[k], threshold[k], scale[k], flags[k])
+    return out, new_state
+
+
+def _check_structure(name: str, grads: Any, out: Any) -> None:
+    if jax.tree.structure(grads) != jax.tree.structure(out):
+        _fail(name, "the tree", f"output structure {jax.tree.structure(out)} differs from "
+              f"the input's {jax.tree.structure(grads)}")
+    for path, (a, b) in zip(
+        [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(grads)[0]],
+        zip(jax.tree.leaves(grads), jax.tree.leaves(out)),
+    ):
+        if np.shape(a) != np.shape(b) or jnp.result_type(a) != jnp.result_type(b):
+            _fail(name, path, f"output {jnp.result_type(b)}{np.shape(b)} differs from input "
+                  f"{jnp.result_type(a)}{np.shape(a)}")
+        if not _is_float(a) and not np.array_equal(np.asarray(a), np.asarray(b)):
+            _fail(name, path, "a non-float leaf was changed")
+
+
+def _check_state(name: str, old: Any, new: Any) -> None:
+    old_leaves, old_def = jax.tree.flatten(old)
+    new_leaves, new_def = jax.tree.flatten(new)
+    if old_def != new_def:
+        _fail(name, "the state", f"structure changed from {old_def} to {new_def}")
+    for a, b in zip(old_leaves, new_leaves):
+        if np.shape(a) != np.shape(b) or jnp.result_type(a) != jnp.result_type(b):
+            _fail(name, "the state", f"a leaf changed from {jnp.result_type(a)}{np.shape(a)} "
+                  f"to {jnp.result_type(b)}{np.shape(b)}")
+    for field in type(new)._fields:
+        if field in ("count", "stats"):
+            continue
+        for leaf in jax.tree.leaves(getattr(new, field)):
+            if _is_float(leaf) and np.any(np.isnan(np.asarray(leaf, np.float64))):
+                _fail(name, f"state.{field}", "NaN entered the clipper's own state")
+
+
+def _check_limit(name: str, recorded: Any, limit: float) -> None:
+    value = float(np.asarray(recorded, np.float64))
+    # The threshold in the dtype it is kept in: above float32's range a float32
+    # threshold is inf, which clips nothing, as the value asked.
+    want = float(np.asarray(max(float(limit), 0.0)).astype(np.asarray(recorded).dtype))
+    want = math.nan if math.isnan(limit) else want
+    if not (value == want or (math.isnan(value) and math.isnan(want))
+            or math.isclose(value, want, rel_tol=1e-6)):
+        _fail(name, "stats.threshold", f"recorded threshold {value!r}, but it was built "
+              f"with {limit!r}")
+
+
+def _check_norms(name: str, where: str, want: Any, got: Any, *, element: bool = False) -> None:
+    if element:
+        want = np.max(np.asarray(want, np.float64), initial=0.0)
+    want = np.asarray(want, np.float64)
+    got = np.asarray(got, np.float64)
+    both_nan = np.isnan(want) & np.isnan(got)
+    both_inf = np.isinf(want) & np.isinf(got)
+    # A norm beyond float32's range is recorded as inf (the scale stays exact).
+    both_inf |= np.isposinf(got) & (want >= float(jnp.finfo(jnp.float32).max) * (1 - 1e-6))
+    close = np.isclose(got, want, rtol=NORM_RTOL, atol=0) | both_nan | both_inf
+    if not np.all(close):
+        _fail(name, where, f"recorded norm {got!r} but the float64 reference is {want!r}")
+
+
+def _check_scaled_leaf(spec: ClipSpec, where: str, g: np.ndarray, o: np.ndarray, dtype: Any,
+                       n_in: np.ndarray, n_out: np.ndarray, rec_norm: np.ndarray,
+                       threshold: np.ndarray, scale: np.ndarray, flags: np.ndarray) -> None:
+    name = spec.name
+    if g.size == 0:
+        return
+    g64, o64 = _wide(g), _wide(o)
+    finite_group = np.isfinite(n_in)
+    nan_threshold = np.isnan(threshold)
+    # Stats: the recorded norm is the input's norm, in the clipper's own norm.
+    _check_norms(name, where, n_in, rec_norm)
+    # Finite in, finite out (a NaN threshold poisons on purpose).
+    bad = finite_group & ~nan_threshold & ~np.isfinite(o64)
+    if np.any(bad):
+        _fail(name, where, f"finite input {g64[bad][:3]} came out non-finite {o64[bad][:3]}")
+    # The bound, for finite input.
+    check = finite_group & ~nan_threshold
+    over = check & (n_out > threshold * (1 + BOUND_RTOL))
+    if np.any(over):
+        _fail(name, where, f"output norm {n_out[over].max()!r} is above its threshold "
+              f"{threshold[over].max()!r}")
+    # Identity at or below the threshold (with eps > 0: norm + eps at or below it).
+    # Threshold 0 zeroes everything, also entries too small (subnormal) to count
+    # in the norm: that rule comes first.
+    inside = check & (threshold > 0) & (rec_norm + spec.eps <= threshold) & (
+        n_in <= threshold * (1 - NORM_RTOL)
+    )
+    changed = ~_same(g, o)
+    if np.any(inside & changed):
+        _fail(name, where, f"input with norm {n_in[inside & changed].max()!r} at or under the "
+              f"threshold {threshold[inside & changed].max()!r} was changed")
+    # Direction: the output is the input times the recorded scale.
+    scale_ok = np.isfinite(scale)
+    if np.any(check & scale_ok & ((scale < 0) | (scale > 1))):
+        _fail(name, where, f"recorded scale {scale[check].min()!r} is outside [0, 1]")
+    expected = g64 * np.where(scale_ok, scale, 0)
+    slack = 2 * _eps(dtype) * np.abs(expected) + 2 * max(
+        float(jnp.finfo(dtype).smallest_subnormal), _tiny(dtype)
+    )
+    wrong = check & scale_ok & (np.abs(o64 - expected) > slack)
+    if np.any(wrong):
+        _fail(name, where, f"output {o64[wrong][:3]} is not input {g64[wrong][:3]} times "
+              f"the recorded scale {scale[wrong][:3]}")
+    # clipped: an output that changed says so.
+    if np.any(changed & ~flags.astype(bool)):
+        _fail(name, where, "the output changed but the stats say it was not clipped")
+    # The non-finite policy.
+    poisoned = ~finite_group & ((threshold != math.inf) | spec.strict_nonfinite)
+    if np.any(poisoned & ~np.isnan(o64)):
+        _fail(name, where, "a non-finite norm must turn its whole scope NaN, but some "
+              "entries are not NaN (finite entries are never silently zeroed)")
+    if np.any(poisoned & ~np.isnan(scale)):
+        _fail(name, where, "a non-finite norm must record a NaN scale")
+    passed = ~finite_group & ~poisoned
+    if np.any(passed & changed):
+        _fail(name, where, "with threshold inf the input must come back unchanged")
+    if np.any(nan_threshold & ~np.isnan(o64)):
+        _fail(name, where, "a NaN threshold must poison the output")
+
+
+def _check_elements(name: str, paths: list[str], g: list[np.ndarray], o: list[np.ndarray],
+                    dtypes: list[Any], threshold: list[np.ndarray], record: ClipStats) -> None:
+    any_changed = False
+    for where, gi, oi, dtype, thr in zip(paths, g, o, dtypes, threshold):
+        if gi.size == 0:
+            continue
+        t = float(np.asarray(thr).reshape(-1)[0])
+        g64, o64 = _wide(gi), _wide(oi)
+        changed = ~_same(gi, oi)
+        any_changed |= bool(np.any(changed & ~np.isnan(g64)))
+        if math.isnan(t):
+            if not np.all(np.isnan(o64)):
+                _fail(name, where, "a NaN threshold must poison the output")
+            continue
+        magnitude = np.abs(g64)
+        out_magnitude = np.abs(o64)
+        nan_in = np.isnan(magnitude)
+        if np.any(nan_in & ~np.isnan(o64)):
+            _fail(name, where, "a NaN entry must stay NaN")
+        if np.any(~nan_in & (out_magnitude > t)):
+            _fail(name, where, f"entry {out_magnitude[~nan_in].max()!r} is above {t!r}")
+        inside = ~nan_in & (magnitude <= t) & (t > 0)
+        if np.any(inside & changed):
+            _fail(name, where, "an entry at or under the threshold was changed")
+        outside = ~nan_in & (magnitude > t)
+        if np.iscomplexobj(g64):
+            want = np.where(outside, g64 * (t / np.where(outside, magnitude, 1)), g64)
+            wrong = outside & (np.abs(o64 - want) > 4 * _eps(dtype) * t + 1e-30)
+        else:
+            level = _largest_at_or_under(t, dtype)
+            wrong = outside & (o64 != np.sign(g64) * level)
+        if np.any(wrong):
+            _fail(name, where, f"entries {g64[wrong][:3]} were clipped to {o64[wrong][:3]}, "
+                  f"not to the largest value at or under {t!r} with their sign")
+    if any_changed and not bool(np.asarray(record.was_clipped())):
+        _fail(name, "all leaves", "entries changed but the stats say nothing was clipped")
+
+
+def _largest_at_or_under(value: float, dtype: Any) -> float:
+    """The largest finite value of ``dtype`` that is <= ``value`` (``value >= 0``)."""
+    if value == math.inf:
+        return math.inf
+    largest = float(jnp.finfo(dtype).max)
+    if value >= largest:
+        return largest
+    nearest = jnp.asarray(value, dtype)
+    if float(nearest) > value:
+        nearest = jnp.nextafter(nearest, jnp.zeros_like(nearest))
+    return float(nearest)
+
+
+# ---------------------------------------------------------------- guards
+
+
+def assert_guard_contracts(
+    tx: Any, grads: Any, state: Any, params: Any = None, *, mode: str = "jit", **extra: Any
+) -> tuple[Any, Any]:
+    """Runs one update of a guard (``skip_nonfinite``/``skip_on_spike``) and checks it.
+
+    A skipped step returns exact zeros and keeps the inner state bit-identical; a
+    non-finite step is always skipped (unless a release valve was asked for); an
+    applied step is exactly the inner transformation's update.
+    """
+    inner = _spec.inner_of(_combinators.unwrap(tx.update))
+    if inner is None:
+        raise TypeError("assert_guard_contracts needs an optaxclip guard.")
+    inner_tx, field, _ = inner
+    name = _spec.wrapper_name(_combinators.unwrap(tx.update))
+    out, new_state = run_update(tx, grads, state, params, mode, **extra)
+    want_out, want_inner = jax.jit(inner_tx.update)(
+        grads, getattr(state, field), params, **extra
+    )
+    _check_structure(name, want_out, out)  # the inner step may change dtypes (optax.sgd)
+    guard, old_guard = new_state.guard, state.guard
+    skipped = bool(guard.skipped)
+    floats = [_wide(np.asarray(x)) for x in jax.tree.leaves(grads) if _is_float(x)]
+    finite = all(np.all(np.isfinite(x)) for x in floats)
+    loss = extra.get("loss")
+    finite = finite and (loss is None or math.isfinite(float(loss)))
+    if not finite and not skipped:
+        _fail(name, "the step", "a non-finite step was applied")
+    count = int(old_guard.num_skipped) + int(skipped)
+    if int(guard.num_skipped) != count:
+        _fail(name, "stats.num_skipped", f"{int(guard.num_skipped)} but {count} were skipped")
+    new_inner, old_inner = getattr(new_state, field), getattr(state, field)
+    if skipped:
+        for x in jax.tree.leaves(out):
+            if _is_float(x) and np.any(np.asarray(x) != 0):
+                _fail(name, "the updates", "a skipped step must return exact zeros")
+        for a, b in zip(jax.tree.leaves(old_inner), jax.tree.leaves(new_inner)):
+            if not np.all(_same(np.asarray(a), np.asarray(b))):
+                _fail(name, "inner_state", "a skipped step changed the inner state")
+    else:
+        for a, b in zip(jax.tree.leaves(want_out), jax.tree.leaves(out)):
+            if not np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                               rtol=1e-6, atol=0, equal_nan=True):
+                _fail(name, "the updates", "an applied step differs from the inner update")
+        for a, b in zip(jax.tree.leaves(want_inner), jax.tree.leaves(new_inner)):
+            if not np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                               rtol=1e-6, atol=0, equal_nan=True):
+                _fail(name, "inner_state", "an applied step's inner state differs")
+    norm = _pnorm(np.concatenate([_magnitudes(x, np.float32).ravel() for x in floats])
+                  if floats else np.zeros(0), 2.0).reshape(())
+    _check_norms(name, "stats.norm", norm, np.asarray(guard.norm, np.float64))
+    return out, new_state
+
+
+# ---------------------------------------------------------------- a grid for users
+
+
+def _grid_trees(seed: int) -> Iterable[tuple[str, Any]]:
+    rng = np.random.default_rng(seed)
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        for scale in (0.0, 1e-3, 1.0, 300.0):
+            tree = {
+                "w": jnp.asarray(rng.normal(size=(3, 4)) * scale, dtype),
+                "b": jnp.asarray(rng.normal(size=(4,)) * scale, dtype),
+            }
+            yield f"{jnp.dtype(dtype).name} x{scale}", tree
+    bad = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.array([1.0, np.nan])}
+    yield "one NaN entry", bad
+
+
+def check_factory(
+    factory: FactoryInfo | Callable[..., Any] | str,
+    *,
+    thresholds: Iterable[float] = (0.0, 0.5, 1.0, math.inf),
+    modes: Iterable[str] = ("eager", "jit"),
+    steps: int = 4,
+    seed: int = 0,
+) -> int:
+    """Checks a clipper factory's contracts over a small grid; returns the case count.
+
+    For each threshold, tree (float32, bfloat16, float16; zero, small, unit and
+    large gradients; one NaN entry) and mode, it runs ``steps`` updates from a
+    fresh state, checking every update with ``assert_clip_contracts``.
+
+    Args:
+      factory: a ``FactoryInfo``, a registered factory's name, or a factory
+        registered with ``optaxclip.register_factory``.
+      thresholds: values passed to the factory's threshold argument (ignored
+        when it has none).
+      modes: execution modes, from ``MODES``.
+      steps: updates per case, so adaptive clippers build up history.
+      seed: seed of the gradients.
+
+    Example:
+      >>> import optaxclip as oc, optaxclip.testing
+      >>> optaxclip.testing.check_factory("clip_by_rms", thresholds=(1.0,), modes=("jit",))
+      13
+    """
+    info = _as_info(factory)
+    if info.kind != "clipper":
+        raise ValueError(f"check_factory checks clippers; {info.name} is a {info.kind}.")
+    cases = 0
+    limits = list(thresholds) if info.threshold is not None else [None]
+    for limit in limits:
+        for _, tree in _grid_trees(seed):
+            tx = info.build(limit)
+            params = tree if info.needs_params else None
+            for mode in modes:
+                state = tx.init(tree)
+                for _ in range(steps):
+                    _, state = assert_clip_contracts(
+                        tx, tree, state, params, mode=mode,
+                        limit=limit if info.limit_is_threshold else None,
+                    )
+            cases += 1
+    return cases
+
+
+def _as_info(factory: Any) -> FactoryInfo:
+    if isinstance(factory, FactoryInfo):
+        return factory
+    registry = registered_factories()
+    name = factory if isinstance(factory, str) else getattr(factory, "__name__", "")
+    if name not in registry:
+        raise ValueError(
+            f"{name!r} is not a registered factory; decorate it with "
+            f"@optaxclip.register_factory(threshold='...') first."
+        )
+    return registry[name]

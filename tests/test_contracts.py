@@ -1,0 +1,294 @@
+"""The contract matrix: every registered transformation, over generated cases.
+
+Cases are drawn by hypothesis from the product of dtypes (fp16, bf16, f32,
+complex64, mixed trees, f64 under x64), thresholds (0, the smallest normal,
+tiny, 1, huge, each dtype's max and above, inf; static, traced through
+``inject_hyperparams`` and scheduled), gradient scales (0, subnormal, tiny, 1,
+large, near each dtype's max; one NaN/+inf/-inf entry), structures (one bare
+leaf, many leaves, the empty tree, scalar and zero-size leaves, ``None`` /
+``MaskedNode`` / integer leaves), execution (eager, jit, vmap, donated state,
+state restored as numpy arrays) and history (fresh, after warmup, after a huge
+but finite norm). Each case is checked against float64 numpy references by
+``optaxclip.testing`` (see its docstring for the contracts).
+
+The transformations come from ``optaxclip.registered_factories()``: a clipper
+added to the package is covered without editing this file, and
+``test_every_public_transformation_is_registered`` fails if one is not
+registered. ``HYPOTHESIS_PROFILE=fuzz`` (``make fuzz``) runs many more cases.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optaxclip as oc
+import optaxclip.testing as contracts
+
+FACTORIES = oc.registered_factories()
+CLIPPERS = sorted(name for name, info in FACTORIES.items() if info.kind == "clipper")
+GUARDS = sorted(name for name, info in FACTORIES.items() if info.kind == "guard")
+
+DTYPES = ("float16", "bfloat16", "float32", "complex64", "mixed", "float64")
+SCALES = ("zero", "subnormal", "tiny", "one", "large", "near_max")
+NONFINITE = (None, "nan", "inf", "-inf")
+STRUCTURES = ("one_leaf", "many_leaves", "empty", "scalar_and_zero_size", "special_leaves")
+THRESHOLDS = ("zero", "smallest_normal", "tiny", "one", "huge", "dtype_max", "above_dtype_max",
+              "float32_max", "inf")
+FORMS = ("static", "traced", "schedule")
+HISTORIES = ("fresh", "warm", "after_huge")
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Some donated buffers were not usable", "ignore:.*stats found no optaxclip"
+)
+
+
+def test_every_public_transformation_is_registered():
+    """A public factory returning a transformation must be enumerable by this matrix."""
+    for name in oc.__all__:
+        obj = getattr(oc, name)
+        if not inspect.isfunction(obj):
+            continue
+        returns = str(inspect.signature(obj).return_annotation)
+        if "GradientTransformation" in returns:
+            assert name in FACTORIES, f"{name} is public but not registered"
+    assert {"clip_by_global_norm", "clip_by_rms", "autoclip", "adaptive_grad_clip"} <= set(
+        CLIPPERS
+    )
+    assert GUARDS == ["skip_nonfinite", "skip_on_spike"]
+    assert FACTORIES["clipped"].kind == "preset"
+
+
+# ---------------------------------------------------------------- cases
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _leaf_dtypes(policy: str, count: int) -> list:
+    if policy == "mixed":
+        cycle = ["float32", "bfloat16", "float16", "complex64"]
+        return [_dtype(cycle[i % len(cycle)]) for i in range(count)]
+    return [_dtype(policy)] * count
+
+
+SHAPES = {
+    "one_leaf": None,  # a bare array of shape (4, 3)
+    "many_leaves": {"a": (3, 4), "b": (4,), "c": {"d": (2, 2, 3), "e": ()}},
+    "empty": {},
+    "scalar_and_zero_size": {"s": (), "z": (0,), "zz": (2, 0)},
+    "special_leaves": {"w": (3, 2), "n": None, "m": "masked", "i": "int"},
+}
+
+
+def _scale_value(scale: str, dtype) -> float:
+    finfo = jnp.finfo(dtype)
+    return {
+        "zero": 0.0,
+        "subnormal": float(finfo.smallest_subnormal) * 8,
+        "tiny": float(finfo.tiny) * 16,
+        "one": 1.0,
+        "large": min(1e20, float(finfo.max) / 64),
+        "near_max": float(finfo.max) / 4,
+    }[scale]
+
+
+def make_tree(structure: str, policy: str, scale: str, nonfinite, seed: int):
+    rng = np.random.default_rng(seed)
+    shapes = SHAPES[structure]
+    if shapes is None:
+        shapes = {"": (4, 3)}
+    flat, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, (tuple, str)))
+    dtypes = iter(_leaf_dtypes(policy, len(flat)))
+    leaves, injected = [], nonfinite is None
+    for shape in flat:
+        if shape == "masked":
+            leaves.append(optax.MaskedNode())
+            continue
+        if shape == "int":
+            leaves.append(jnp.arange(3, dtype=jnp.int32))
+            continue
+        dtype = next(dtypes)
+        magnitude = _scale_value(scale, dtype)
+        values = rng.uniform(-1, 1, size=shape) * magnitude
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            values = values + 1j * rng.uniform(-1, 1, size=shape) * magnitude
+        values = np.asarray(values)
+        if not injected and values.size:
+            values = values.astype(np.complex128 if values.dtype.kind == "c" else np.float64)
+            values.flat[0] = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}[nonfinite]
+            injected = True
+        leaves.append(jnp.asarray(values, dtype))
+    tree = jax.tree.unflatten(treedef, leaves)
+    if SHAPES[structure] is None:
+        tree = tree[""]
+    return tree
+
+
+def weights_like(tree, seed: int):
+    rng = np.random.default_rng(seed + 1)
+
+    def weight(x):
+        if not contracts._is_float(x):
+            return x
+        values = rng.normal(size=x.shape)
+        return jnp.asarray(values, x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else
+                           jnp.float32).astype(x.dtype)
+
+    return jax.tree.map(weight, tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def _threshold_value(kind: str, tree) -> float:
+    floats = [x for x in jax.tree.leaves(tree) if contracts._is_float(x)]
+    dtype = floats[0].dtype if floats else jnp.dtype("float32")
+    largest = float(jnp.finfo(dtype).max)
+    return {
+        "zero": 0.0,
+        "smallest_normal": float(jnp.finfo(jnp.float32).tiny),
+        "tiny": 1e-30,
+        "one": 1.0,
+        "huge": 1e30,
+        "dtype_max": largest,
+        "above_dtype_max": largest * 1.5 if largest < 1e300 else math.inf,
+        "float32_max": float(jnp.finfo(jnp.float32).max),
+        "inf": math.inf,
+    }[kind]
+
+
+def build(info, limit: float, form: str):
+    """The factory with its threshold given statically, traced or as a schedule."""
+    if limit is None or info.threshold is None:
+        return info.build()
+    if form == "schedule":
+        return info.build(lambda count: jnp.asarray(limit, jnp.float32) + 0 * count)
+    if form == "traced":
+        # Only the threshold is injected; every other argument stays static.
+        static = tuple(k for k in inspect.signature(info.factory).parameters
+                       if k != info.threshold)
+        injected = optax.inject_hyperparams(
+            info.factory, static_args=static, hyperparam_dtype=jnp.float32
+        )
+        return injected(**info.test_kwargs, **{info.threshold: limit})
+    return info.build(limit)
+
+
+def _history(tx, tree, params, history: str, seed: int):
+    """A state after no update, after warmup, or after a huge but finite norm."""
+    state = tx.init(params if params is not None else tree)
+    if history == "fresh":
+        return state
+    update = jax.jit(tx.update)
+    normal = jax.tree.map(
+        lambda x: (x * 0 + 1).astype(x.dtype) if contracts._is_float(x) else x, tree,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
+    for _ in range(6):
+        _, state = update(normal, state, params)
+    if history == "after_huge":
+        huge = jax.tree.map(
+            lambda x: (x * 0 + jnp.finfo(x.dtype).max / 8).astype(x.dtype)
+            if contracts._is_float(x) else x, tree,
+            is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+        )
+        _, state = update(huge, state, params)
+    return state
+
+
+case_strategy = st.fixed_dictionaries({
+    "dtype": st.sampled_from(DTYPES),
+    "structure": st.sampled_from(STRUCTURES),
+    "scale": st.sampled_from(SCALES),
+    "nonfinite": st.sampled_from(NONFINITE),
+    "threshold": st.sampled_from(THRESHOLDS),
+    "form": st.sampled_from(FORMS),
+    "mode": st.sampled_from(contracts.MODES),
+    "history": st.sampled_from(HISTORIES),
+    "seed": st.integers(0, 2**16),
+})
+
+
+def _x64(case):
+    return jax.enable_x64(case["dtype"] == "float64")
+
+
+def _run_clipper_case(name: str, case: dict) -> None:
+    info = FACTORIES[name]
+    with _x64(case), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tree = make_tree(case["structure"], case["dtype"], case["scale"], case["nonfinite"],
+                         case["seed"])
+        params = weights_like(tree, case["seed"]) if info.needs_params else None
+        limit = _threshold_value(case["threshold"], tree)
+        tx = build(info, limit, case["form"])
+        state = _history(tx, tree, params, case["history"], case["seed"])
+        exact = limit if info.limit_is_threshold and case["form"] == "static" else None
+        contracts.assert_clip_contracts(tx, tree, state, params, mode=case["mode"],
+                                        limit=exact)
+
+
+@pytest.mark.parametrize("name", CLIPPERS)
+@settings(deadline=None)
+@given(case=case_strategy)
+def test_clipper_contracts(name, case):
+    _run_clipper_case(name, case)
+
+
+@settings(deadline=None)
+@given(case=case_strategy, option=st.sampled_from(["clipnorm", "clipvalue", "global_clipnorm"]))
+def test_clipped_preset_contracts(case, option):
+    with _x64(case), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tree = make_tree(case["structure"], case["dtype"], case["scale"], case["nonfinite"],
+                         case["seed"])
+        limit = _threshold_value(case["threshold"], tree)
+        base = optax.identity()
+        tx = oc.clipped(base, **{option: limit})
+        if limit == 0:
+            assert tx is base  # Keras semantics: 0 turns clipping off
+            return
+        assert oc.check_order(oc.clipped(optax.adam(1e-3), **{option: limit}), tree)
+        state = _history(tx, tree, None, case["history"], case["seed"])
+        contracts.assert_clip_contracts(tx, tree, state, mode=case["mode"], limit=limit)
+
+
+@pytest.mark.parametrize("guard", GUARDS)
+@settings(deadline=None)
+@given(case=case_strategy, clipper=st.sampled_from(CLIPPERS))
+def test_guard_contracts(guard, case, clipper):
+    info = FACTORIES[clipper]
+    with _x64(case), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tree = make_tree(case["structure"], case["dtype"], case["scale"], case["nonfinite"],
+                         case["seed"])
+        params = weights_like(tree, case["seed"])
+        limit = _threshold_value(case["threshold"], tree)
+        inner = optax.chain(build(info, limit, case["form"]), optax.sgd(0.1))
+        tx = FACTORIES[guard].build(inner=inner)
+        state = _history(tx, tree, params, case["history"], case["seed"])
+        contracts.assert_guard_contracts(tx, tree, state, params, mode=case["mode"])
+
+
+@settings(deadline=None)
+@given(case=case_strategy, clipper=st.sampled_from(CLIPPERS))
+def test_checked_passes_every_clipper_on_finite_input(case, clipper):
+    """checked(tx) asserts the contracts at run time: on finite input it must not fire,
+    and what it returns is tx's own update."""
+    info = FACTORIES[clipper]
+    with _x64(case), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tree = make_tree(case["structure"], case["dtype"], case["scale"], None, case["seed"])
+        params = weights_like(tree, case["seed"]) if info.needs_params else None
+        limit = _threshold_value(case["threshold"], tree)
+        tx = oc.checked(build(info, limit, case["form"]))
+        state = _history(tx, tree, params, case["history"], case["seed"])
+        contracts.assert_clip_contracts(tx, tree, state, params, mode="eager")

@@ -1,0 +1,298 @@
+"""Regression tests for the ways ordinary training corrupted data or crashed.
+
+Each test reproduces one reported failure (donated state, restored checkpoints,
+thresholds above a dtype's max, float64 norms beyond float32, non-finite steps
+before an adaptive clipper has history, overflowing statistics, ...) and checks
+the fixed behaviour. The contract matrix (``test_contracts.py``) covers the
+same ground over generated cases; these pin the exact reports.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.contrib
+import pytest
+
+import optaxclip as oc
+
+PARAMS = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+GRADS = {"w": jnp.full((4, 3), 0.5), "b": jnp.array([1.0, -2.0, 0.5])}
+
+STATEFUL = {
+    "autoclip": lambda: oc.autoclip(history=8),
+    "zclip": lambda: oc.zclip(warmup_steps=2),
+    "adagc": lambda: oc.adagc(warmup_steps=2),
+    "skip_nonfinite": lambda: oc.skip_nonfinite(optax.adam(1e-3)),
+    "skip_on_spike": lambda: oc.skip_on_spike(optax.adam(1e-3), window=4, min_history=2),
+    "clip_by_global_norm": lambda: oc.clip_by_global_norm(1.0),
+    "adaptive_grad_clip": lambda: oc.adaptive_grad_clip(0.1),
+}
+
+
+def _train_step(tx):
+    def step(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
+# 1. Donated optimizer state.
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+def test_donated_params_and_state_can_be_reused(name):
+    tx = optax.chain(STATEFUL[name](), optax.sgd(0.1)) if "skip" not in name else STATEFUL[name]()
+    step = jax.jit(_train_step(tx), donate_argnums=(0, 1))
+    params = jax.tree.map(jnp.array, PARAMS)
+    state = tx.init(params)
+    for _ in range(3):
+        params, state = step(params, state, GRADS)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+# 2. State restored from a checkpoint holds numpy arrays.
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+@pytest.mark.parametrize("restore", ["flax", "device_get"])
+def test_restored_numpy_state_updates_eagerly_and_under_jit(name, restore):
+    tx = STATEFUL[name]()
+    state = tx.init(PARAMS)
+    for _ in range(3):
+        _, state = jax.jit(tx.update)(GRADS, state, PARAMS)
+    if restore == "flax":
+        blob = flax.serialization.to_bytes(state)
+        restored = flax.serialization.from_bytes(tx.init(PARAMS), blob)
+    else:
+        restored = jax.device_get(state)
+    assert any(isinstance(x, np.ndarray) for x in jax.tree.leaves(restored))
+    want_out, want_state = jax.jit(tx.update)(GRADS, state, PARAMS)
+    for update in (tx.update, jax.jit(tx.update)):
+        out, new_state = update(GRADS, restored, PARAMS)
+        for a, b in zip(jax.tree.leaves((out, new_state)), jax.tree.leaves((want_out, want_state))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_orbax_restore_continues_bit_identically(tmp_path):
+    import orbax.checkpoint as ocp
+
+    tx = optax.chain(oc.zclip(warmup_steps=2), oc.autoclip(history=4), optax.adam(1e-2))
+    update = jax.jit(tx.update)
+    state = tx.init(PARAMS)
+    for _ in range(4):
+        _, state = update(GRADS, state, PARAMS)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "ckpt", tx.init(PARAMS))
+    a = update(GRADS, state, PARAMS)
+    b = update(GRADS, restored, PARAMS)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # An untargeted restore is a plain dict; stats() still reads it, and says so.
+    raw = checkpointer.restore(tmp_path / "ckpt")
+    with pytest.warns(UserWarning, match="plain dicts"):
+        report = oc.stats(raw)
+    assert any(key.endswith("zclip/norm") for key in report)
+
+
+# 3. clip_by_value above the dtype's largest value.
+@pytest.mark.parametrize("dtype,max_delta", [
+    (jnp.float16, 1e5), (jnp.bfloat16, float(jnp.finfo(jnp.float32).max)), (jnp.float16, 65504.0),
+])
+def test_clip_by_value_above_the_dtype_max_keeps_finite_gradients(dtype, max_delta):
+    grads = {"g": jnp.array([1.0, -300.0, 60000.0], dtype),
+             "h": jnp.array([jnp.inf, -jnp.inf], dtype)}
+    out, state = oc.clip_by_value(max_delta).update(grads, oc.clip_by_value(max_delta).init(grads))
+    np.testing.assert_array_equal(np.asarray(out["g"]), np.asarray(grads["g"]))
+    largest = float(jnp.finfo(dtype).max)
+    np.testing.assert_array_equal(np.asarray(out["h"], np.float64), [largest, -largest])
+    assert bool(oc.stats(state)["clip_by_value/clipped"])  # the inf entries were changed
+    tx = oc.clipped(optax.adam(1e-3), clipvalue=max_delta)
+    params = jax.tree.map(jnp.zeros_like, grads)
+    finite = {"g": grads["g"], "h": jnp.array([1.0, 2.0], dtype)}
+    updates, _ = tx.update(finite, tx.init(params), params)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+# 4. float64 norms above float32's range.
+@pytest.mark.parametrize("name", ["clip_by_norm", "clip_by_block_rms", "clip_by_rms", "autoclip",
+                                  "zclip", "adagc", "adaptive_grad_clip", "clip_by_global_norm"])
+def test_x64_norms_beyond_float32_stay_finite(name):
+    with jax.enable_x64(True):
+        grads = {"w": jnp.full((3,), 1e200, jnp.float64), "b": jnp.array([1.0, 2.0], jnp.float64)}
+        params = jax.tree.map(lambda g: jnp.ones_like(g), grads)
+        info = oc.registered_factories()[name]
+        tx = info.build(1.0)
+        out, state = jax.jit(tx.update)(grads, tx.init(params), params)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out)), out
+        assert all(bool(jnp.isfinite(x)) for x in jax.tree.leaves(state.stats.norm))
+        norm = oc.stats(state)[f"{name}/norm"]
+        assert norm.dtype == jnp.float64 and float(norm) > 1e199
+    with jax.enable_x64(True):
+        guard = oc.skip_nonfinite(optax.sgd(1.0))
+        grads = {"w": jnp.full((3,), 1e200, jnp.float64)}
+        _, state = guard.update(grads, guard.init(grads))
+        assert not bool(state.guard.skipped)
+
+
+# 5. Non-finite steps before an adaptive clipper has history.
+@pytest.mark.parametrize("make", [oc.autoclip, lambda: oc.zclip(max_norm=None),
+                                  lambda: oc.adagc(lambda_abs=math.inf)])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_adaptive_clippers_poison_a_first_non_finite_step(make, bad):
+    tx = make()
+    grads = {"w": jnp.array([1.0, bad]), "b": jnp.array([0.5])}
+    out, state = tx.update(grads, tx.init(grads))
+    assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(out))
+    report = oc.stats(state)
+    name = next(iter(report)).split("/")[0]
+    assert math.isnan(float(report[f"{name}/scale"])) and bool(report[f"{name}/clipped"])
+    # The state stays usable: the next finite step is clipped as usual.
+    out, _ = tx.update({"w": jnp.array([1.0, 2.0]), "b": jnp.array([0.5])}, state)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
+
+
+# 6. One huge norm must not disable adaptive clipping.
+def test_zclip_after_a_huge_recorded_norm_still_clips_later_spikes():
+    tx = oc.zclip(warmup_steps=3, max_norm=None)
+    update = jax.jit(tx.update)
+    state = tx.init(None)
+    for norm in [1.0, 2.0e20, 1.5]:  # the huge norm enters the warmup statistics
+        _, state = update([jnp.array([norm])], state)
+    assert math.isfinite(float(state.ema_std)) and float(state.ema_std) > 0
+    for _ in range(300):
+        _, state = update([jnp.array([1.0])], state)
+    out, state = update([jnp.array([1e30])], state)
+    assert float(out[0][0]) < 1e29 and bool(oc.stats(state)["zclip/clipped"])
+
+
+def test_skip_on_spike_after_a_huge_recorded_norm_still_skips_later_spikes():
+    tx = oc.skip_on_spike(optax.sgd(1.0), window=8, min_history=4, z=3.0)
+    update = jax.jit(tx.update)
+    state = tx.init(jnp.zeros(1))
+    for norm in [1.0, 1.1, 0.9, 1.0, 1.05]:
+        _, state = update(jnp.array([norm]), state)
+    _, state = update(jnp.array([3e19]), state)  # a spike: skipped, not recorded
+    assert bool(state.guard.skipped)
+    state = state._replace(guard=state.guard._replace(consecutive_skips=jnp.zeros([], jnp.int32)))
+    # Record a huge value as if it had been applied: the window's variance overflowed before.
+    norms = state.norms._replace(values=state.norms.values.at[0].set(3e19))
+    state = state._replace(norms=norms)
+    _, state = update(jnp.array([1.0]), state)
+    assert math.isfinite(float(state.guard.threshold))
+    _, state = update(jnp.array([1e38]), state)
+    assert bool(state.guard.skipped)
+
+
+# 7. zclip decides "spike" and the clip limit from one expression.
+def test_zclip_with_eps_zero_and_constant_norms_never_clips_a_non_spike():
+    tx = oc.zclip(warmup_steps=3, eps=0.0, max_norm=None)
+    state = tx.init(None)
+    for _ in range(3):
+        _, state = tx.update([jnp.array([2.0])], state)
+    out, state = tx.update([jnp.array([2.0])], state)  # equal to the mean: no spike
+    assert float(out[0][0]) == 2.0 and not bool(oc.stats(state)["zclip/clipped"])
+    assert float(state.ema_mean) == 2.0
+    out, state = tx.update([jnp.array([2.5])], state)  # sigma = 0: any larger norm is a spike
+    assert bool(oc.stats(state)["zclip/clipped"]) and float(out[0][0]) == 2.0
+
+
+# 8. clip_by_value's stats mean what they say.
+def test_clip_by_value_reports_no_scale_and_clipped_exactly_when_entries_changed():
+    tx = oc.clip_by_value(1.0)
+    _, state = tx.update({"w": jnp.array([0.5, -0.9])}, tx.init(None))
+    assert set(oc.stats(state)) == {"clip_by_value/norm", "clip_by_value/threshold",
+                                    "clip_by_value/clipped"}
+    assert not bool(oc.stats(state)["clip_by_value/clipped"])
+    _, state = tx.update({"w": jnp.array([0.5, jnp.nan])}, tx.init(None))
+    assert not bool(oc.stats(state)["clip_by_value/clipped"])  # NaN stays NaN: nothing changed
+    assert math.isnan(float(oc.stats(state)["clip_by_value/norm"]))
+    _, state = tx.update({"w": jnp.array([3.0, jnp.nan])}, tx.init(None))
+    assert bool(oc.stats(state)["clip_by_value/clipped"])
+
+
+# 9. check_order and users' own stateless clippers.
+@pytest.mark.parametrize("wrap", [optax.stateless, optax.stateless_with_tree_map])
+def test_check_order_does_not_trust_users_stateless_functions(wrap):
+    if wrap is optax.stateless:
+        users_clip = wrap(
+            lambda updates, params: jax.tree.map(lambda u: jnp.clip(u, -1, 1), updates)
+        )
+    else:
+        users_clip = wrap(lambda u, p: jnp.clip(u, -1, 1))
+    with pytest.raises(oc.OrderingError, match="cannot see into"):
+        oc.check_order(optax.chain(optax.adam(1e-3), users_clip), PARAMS)
+    oc.check_order(optax.chain(optax.adam(1e-3), users_clip), PARAMS, on_unknown="ignore")
+
+
+def test_check_order_accumulation_and_well_known_wrappers():
+    # apply_every sums gradients: a clipper after it is correct, not "after a moment".
+    oc.check_order(optax.chain(optax.apply_every(2), oc.clip_by_global_norm(1.0),
+                               optax.adam(1e-3)), PARAMS)
+    kinds = [s.kind for s in oc.check_order(
+        optax.chain(optax.apply_every(2), oc.clip_by_global_norm(1.0)), PARAMS)]
+    assert kinds[0] == "accumulation"
+    oc.check_order(optax.chain(oc.clip_by_global_norm(1.0),
+                               optax.contrib.schedule_free_adamw(1e-3)), PARAMS)
+
+
+# 10. skip_on_spike must not stop training for good.
+def test_skip_on_spike_recovers_from_a_lasting_level_shift():
+    tx = oc.skip_on_spike(optax.sgd(0.1), window=16, min_history=8)
+    update = jax.jit(tx.update)
+    state = tx.init(jnp.zeros(2))
+    for _ in range(40):
+        _, state = update(jnp.array([1.0, 0.0]), state)
+    applied, consecutive = 0, []
+    for _ in range(200):  # deterministic: the same gradient, now 10x larger, every step
+        out, state = update(jnp.array([10.0, 0.0]), state)
+        applied += not bool(state.guard.skipped)
+        consecutive.append(int(state.guard.consecutive_skips))
+    assert max(consecutive) == 16 and applied > 150
+    # Non-finite steps are still never applied, whatever the counter says.
+    for _ in range(40):
+        out, state = update(jnp.array([jnp.nan, 0.0]), state)
+        assert bool(state.guard.skipped) and float(jnp.abs(out).sum()) == 0.0
+
+
+# 11. Messages that name the argument, and numpy scalars.
+def test_clipped_names_the_argument_it_was_given():
+    with pytest.raises(ValueError, match="clipnorm"):
+        oc.clipped(optax.sgd(1.0), clipnorm="1.0")
+
+
+@pytest.mark.parametrize("wrap", [oc.skip_nonfinite, oc.skip_on_spike, oc.checked])
+def test_wrappers_given_a_factory_say_to_call_it(wrap):
+    with pytest.raises(TypeError, match="factory"):
+        wrap(optax.adam)
+
+
+def test_numpy_scalars_are_accepted_where_numbers_are():
+    oc.zclip(alpha=np.float32(0.9), warmup_steps=np.int64(3))
+    oc.autoclip(np.float64(10.0), history=np.int32(5))
+    oc.checked(optax.sgd(1.0), rtol=np.float32(1e-6))
+    tx = optax.chain(oc.clip_by_global_norm(np.float32(1.0)), optax.adam(1e-3))
+    oc.assert_moments_bounded(tx, PARAMS, np.float32(1.0), steps=np.int64(2))
+
+
+@pytest.mark.parametrize("bad", ["abc", [object()]])
+def test_global_norm_and_stats_reject_what_is_not_a_tree_of_arrays(bad):
+    with pytest.raises(TypeError, match="pytree of arrays"):
+        oc.global_norm(bad)
+    with pytest.raises(TypeError, match="optax state"):
+        oc.stats(bad)
+
+
+def test_static_hyperparameters_under_inject_hyperparams_name_static_args():
+    injected = optax.inject_hyperparams(oc.autoclip)(percentile=10.0)
+    with pytest.raises(ValueError, match="percentile must be static.*static_args"):
+        jax.jit(injected.update)(GRADS, injected.init(PARAMS))
+    tx = optax.inject_hyperparams(oc.autoclip, static_args=("percentile", "history"))(
+        percentile=10.0, history=4, max_norm=2.0
+    )
+    tx.update(GRADS, tx.init(PARAMS))
