@@ -77,12 +77,12 @@ test-min: $(MIN_STAMP)
 demo: $(DEMO_STAMP)
 	$(PY) examples/demo.py
 
-# The API reference, warnings as errors, then a check that every name in
-# optaxclip.__all__ has an entry, then the docstring examples through Sphinx's doctest.
+# The API reference, warnings as errors; a check that every name in optaxclip.__all__
+# has an entry; the docstring examples as doctests (pytest's, for its NUMBER option).
 docs: $(DOCS_STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 	$(PY) tools/check_docs.py docs/_build/html
-	$(PY) -m sphinx -W --keep-going -q -b doctest docs docs/_build/doctest
+	$(PY) -m pytest -q -p no:cacheprovider optaxclip
 
 typecheck: $(STAMP)
 	$(PY) -m pyright --pythonpath $(PY) optaxclip tests/typing
