@@ -25,6 +25,7 @@ CORE_TESTS := tests/test_norms.py tests/test_fixed.py tests/test_adaptive.py \
 # This test pins down a behaviour of optax itself (its clip_by_global_norm raises
 # TypeError for bf16 gradients with an f32 array threshold), which optax 0.2.8 has and
 # 0.2.5 to 0.2.7 do not; optaxclip's side of it is covered by the other tests.
+# The parity tests (marker `parity`) need Keras or PyTorch and run in `make test`.
 MIN_DESELECT := --deselect tests/test_fixed.py::test_optax_clip_by_global_norm_rejects_that_threshold_form
 
 LINT_PATHS := optaxclip tests examples benchmarks notebooks tools docs/conf.py
@@ -72,7 +73,7 @@ $(MIN_STAMP): pyproject.toml tools/min_requirements.py
 
 test-min: $(MIN_STAMP)
 	$(PY_MIN) tools/min_requirements.py --check
-	$(PY_MIN) -m pytest -q $(MIN_DESELECT) $(CORE_TESTS)
+	$(PY_MIN) -m pytest -q -m "not parity" $(MIN_DESELECT) $(CORE_TESTS)
 
 demo: $(DEMO_STAMP)
 	$(PY) examples/demo.py
