@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import pathlib
+import re
 import struct
 import sys
 
@@ -96,6 +97,88 @@ def test_exploding_regression(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "exploding: no clipping" in out and "nan" in out
     assert f"plot: {result['plot']}" in out
+    # talkative: one line per run as it finishes, in order, then the conclusion
+    progress = [line for line in out.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] + "]" for line in progress] == [f"[{i}/8]" for i in range(1, 9)]
+    assert all(f"] {name} " in line for line, name in zip(progress, runs))
+    assert "non-finite from step" in progress[4]  # exploding: no clipping
+    conclusion = out.split("\nconclusion\n", 1)[1]
+    assert conclusion.splitlines() == exploding_regression.conclusion(runs) + [
+        conclusion.splitlines()[-1]]  # the last line is the time
+    assert "Every clipped run stays finite." in conclusion
+
+
+def fake_run(experiment, clipper, val_loss, first_nonfinite=None, clipped=1.0):
+    return {"experiment": experiment, "clipper": clipper, "final_val_loss": val_loss,
+            "diverged_seeds": int(first_nonfinite is not None),
+            "first_nonfinite_step": first_nonfinite, "clipped_fraction": clipped}
+
+
+def test_conclusion_says_what_the_numbers_show():
+    runs = {
+        "adam: no clipping": fake_run("adam", "no clipping", 20.0, clipped=0.0),
+        "adam: clip_by_value(3.0)": fake_run("adam", "clip_by_value(3.0)", 2.0),
+        "exploding: no clipping": fake_run("exploding", "no clipping", math.nan, 4, 0.0),
+        "exploding: clip_by_global_norm(1.0)": fake_run("exploding", "clip_by_global_norm(1.0)",
+                                                        30.0),
+        "exploding: clip_by_value(3.0)": fake_run("exploding", "clip_by_value(3.0)", 2e4),
+    }
+    lines = exploding_regression.conclusion(runs)
+    assert lines[0] == ("Adam(1e-3) on the data x1: final val loss, best first: "
+                        "clip_by_value(3.0) 2, no clipping 20 (10x).")
+    assert lines[1] == ("SGD(0.01, momentum 0.9) on the data x10: no clipping goes non-finite "
+                        "from step 4; final val loss, best first: clip_by_global_norm(1.0) 30, "
+                        "clip_by_value(3.0) 2e+04 (667x).")
+    assert lines[2] == "  Every clipped run stays finite."
+    assert lines[3].startswith("  clip_by_value(3.0) stays finite but does not converge")
+    assert len(lines) == 4
+    # a value clip within STALL_FACTOR of the best is not singled out, and a clipped run
+    # that diverged takes away the "every clipped run stays finite" line
+    runs["exploding: clip_by_value(3.0)"] = fake_run("exploding", "clip_by_value(3.0)", 60.0)
+    runs["exploding: clip_by_norm(1.0)"] = fake_run("exploding", "clip_by_norm(1.0)", math.nan, 9)
+    lines = exploding_regression.conclusion(runs)
+    assert "clip_by_norm(1.0) goes non-finite from step 9" in lines[1]
+    assert len(lines) == 2
+
+
+def test_demo_imports_only_what_the_demo_extra_installs():
+    # `make demo` installs optaxclip with its `demo` extra and nothing else: everything
+    # the demo's modules import must come from the standard library, optaxclip's
+    # runtime dependencies, or that extra.
+    import ast
+    from importlib import metadata
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    project = tomllib.loads((EXAMPLES.parent / "pyproject.toml").read_text())["project"]
+    names = project["dependencies"] + project["optional-dependencies"]["demo"]
+    allowed = {re.split(r"[<>=\[ ]", n, maxsplit=1)[0].lower() for n in names}
+    allowed |= {"numpy", "scipy", "optaxclip"}  # numpy and scipy come with jax
+    for banned in ("torch", "keras", "pytest", "hypothesis", "ruff", "tensorboardx"):
+        assert banned not in allowed
+    distributions = metadata.packages_distributions()
+    local = {"_common", "exploding_regression"}
+    for module in ("demo.py", "exploding_regression.py", "_common.py"):
+        tree = ast.parse((EXAMPLES / module).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        for name in sorted(imported - local - set(sys.stdlib_module_names)):
+            dists = {d.lower() for d in distributions.get(name, [name])}
+            assert dists & allowed, (module, name, dists)
+    makefile = (EXAMPLES.parent / "Makefile").read_text()
+    assert 'pip install -q -e ".[demo]"' in makefile
+    assert re.search(r"^demo: \$\(DEMO_STAMP\)$", makefile, flags=re.M)
+
+
+def test_readme_states_what_the_demo_shows():
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    assert "every clipped run converges" not in readme
+    assert "`clip_by_value(3.0)` stalls" in readme
 
 
 @pytest.mark.slow
