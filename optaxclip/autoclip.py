@@ -110,7 +110,7 @@ def autoclip(
                                    (``scale`` NaN, ``clipped`` true); not
                                    recorded
       nothing recorded yet         threshold ``max_norm`` (``inf`` if None)
-      ``percentile = 0`` / ``100``   the smallest / largest recorded norm
+      ``percentile`` 0 / 100       the smallest / largest recorded norm
       invalid static argument      ``ValueError`` naming it
       ===========================  ===========================================
 

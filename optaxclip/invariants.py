@@ -293,8 +293,8 @@ def assert_moments_bounded(
       Adafactor ``v_row``/``v``  EMA of g^2 (row means)  ``sqrt(g^2-mass) <= c``
       ``trace`` (SGD momentum,   ``t = d t + g``         ``||t|| <= c (1-d^n)/(1-d)``,
       Nesterov too)                                      below ``c / (1-d)``
-      Adagrad                    ``s = s + g^2``         ``sqrt(sum s - sum s0)
-      ``sum_of_squares``                                 <= c sqrt(n)``
+      Adagrad                    ``s = s + g^2``         ``sqrt(sum s - sum s0)``
+      ``sum_of_squares``                                 ``<= c sqrt(n)``
       =========================  ======================  ================================
 
     Adam's ``nu`` is not checked: Adamax and Yogi share its state type with
