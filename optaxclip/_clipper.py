@@ -403,9 +403,11 @@ def _clip_entries(spec: ClipSpec, updates: Any, norm: Array, threshold: Array):
         g = jnp.asarray(g)
         if jnp.iscomplexobj(g):
             modulus = _norms._magnitude(g, _norms.accumulation_dtype(g.dtype))
-            over = modulus > threshold
-            changed.append(jnp.any(over))
+            over = ~(modulus <= threshold)
+            changed.append(jnp.any(over & ~jnp.isnan(modulus)))
             factor = jnp.where(over, threshold / jnp.where(over, modulus, 1), 1)
+            # Threshold 0 zeroes every entry, subnormal ones (modulus 0) too.
+            factor = jnp.where(threshold == 0, 0, factor)
             return _scaling.apply_scale(g, factor)
         limit = round_down(threshold, g.dtype)
         # Written as "not inside" so that a NaN limit (a broken schedule) clips
