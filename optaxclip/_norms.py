@@ -37,7 +37,7 @@ from optaxclip._validate import AxisName, validate_axis_name, validate_ord
 
 Array = jax.Array
 
-__all__ = ["global_norm", "leaf_norms", "unit_norms", "is_float_leaf"]
+__all__ = ["batched_global_norm", "global_norm", "leaf_norms", "unit_norms", "is_float_leaf"]
 
 
 def is_float_leaf(x: Any) -> bool:
@@ -152,6 +152,104 @@ def _pmax(x: Any, axis_name: AxisName) -> Any:
     return x if axis_name is None else lax.pmax(x, axis_name)
 
 
+@jax.custom_batching.custom_vmap
+def _all_trusted(sums: Any) -> Array:
+    """Whether every power sum in ``sums`` is trusted: one boolean, also under vmap."""
+    return jnp.all(jnp.stack([jnp.all(_trusted(s)) for s in jax.tree.leaves(sums)]))
+
+
+@_all_trusted.def_vmap
+def _all_trusted_vmap(axis_size: int, in_batched: Any, sums: Any) -> tuple[Array, bool]:
+    # Under jax.vmap the decision covers the whole batch, so it stays unbatched and
+    # the lax.cond that uses it stays a conditional: a batched predicate would turn
+    # it into a select that runs the rescue on every call.
+    del axis_size, in_batched
+    return _all_trusted(sums), False
+
+
+# --- Deciding the rescue once --------------------------------------------------
+#
+# Every norm here is ``finish(fast(xs), xs)`` when the fast power sums are trusted
+# and ``rescue(xs)`` when not, chosen by one ``lax.cond``. Under ``jax.vmap`` a
+# cond whose predicate is batched becomes a select that runs both branches, so a
+# vmapped clip would read the gradients three times. The predicate above is kept
+# unbatched instead ("every example trusted"), so a vmapped norm reads the batch
+# once; when one example is untrusted, the whole batch takes the rescue.
+
+
+def _decide_once(fast: Callable, finish: Callable, rescue: Callable) -> Callable:
+    """``xs -> finish(fast(xs), xs)`` if every fast sum is trusted, else ``rescue(xs)``."""
+
+    # The branches are the same objects on every call, so that eager calls find
+    # the compiled cond in lax.cond's cache instead of compiling it again.
+    def rescue_branch(sums: Any, xs: list[Array]) -> Any:
+        del sums
+        return rescue(xs)
+
+    def guarded(xs: list[Array]) -> Any:
+        sums = fast(xs)
+        trusted = _all_trusted(lax.stop_gradient(sums))
+        return lax.cond(trusted, finish, rescue_branch, sums, xs)
+
+    return guarded
+
+
+# --- Packing small leaves ------------------------------------------------------
+#
+# Leaves smaller than _PACK_BELOW entries are packed, per dtype (and per shape for
+# per-leaf and unit-wise norms), into chunks of at most _PACK_LEAVES leaves, and
+# each chunk is reduced by one kernel: a tree of many tiny leaves (biases, layer
+# norms, 8x8 blocks) then costs a few reductions instead of one small kernel per
+# leaf, faster to run and much faster to compile. The packing happens where the
+# sums are taken (also inside the rescue branch), never on the cond's operands,
+# so XLA fuses the concatenation into the reduction and copies nothing. A fused
+# concatenation looks up each entry's source leaf, a cost that grows with the
+# leaves in a chunk: hence the chunks, and a limit low enough that only leaves
+# whose own kernel would be launch-bound are packed. Measurements:
+# benchmarks/RESULTS.md ("packing").
+_PACK_BELOW = 2**16
+_PACK_LEAVES = 1 << 30
+
+
+def _unsharded(x: Array) -> bool:
+    """False for leaves whose type carries a sharding (Explicit mesh axes).
+
+    Concatenating leaves sharded in different ways would force a reshard, so
+    those are reduced one by one, as large leaves are.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    return spec is None or all(axis is None for axis in spec)
+
+
+def _packable(x: Array, per_item: int) -> bool:
+    return 0 < per_item < _PACK_BELOW and _unsharded(x)
+
+
+def _chunks(items: list[Any]) -> list[list[Any]]:
+    return [items[i:i + _PACK_LEAVES] for i in range(0, len(items), _PACK_LEAVES)]
+
+
+def _packed(leaves: Sequence[Array]) -> list[Array]:
+    """Small leaves raveled and concatenated per dtype in chunks, then the large leaves."""
+    groups: dict[Any, list[Array]] = {}
+    large = []
+    for x in leaves:
+        if _packable(x, x.size):
+            groups.setdefault(x.dtype, []).append(jnp.ravel(x))
+        else:
+            large.append(x)
+    packed = [
+        chunk[0] if len(chunk) == 1 else jnp.concatenate(chunk)
+        for group in groups.values()
+        for chunk in _chunks(group)
+    ]
+    return packed + large
+
+
+# --- Global norm ---------------------------------------------------------------
+
+
 def global_norm(tree: Any, ord: float | None = 2, *, axis_name: AxisName = None) -> Array:
     """The p-norm of all floating-point entries of ``tree``, taken together.
 
@@ -170,7 +268,8 @@ def global_norm(tree: Any, ord: float | None = 2, *, axis_name: AxisName = None)
     Returns:
       A float32 scalar (float64 if a leaf is float64 under ``jax_enable_x64``).
       The empty tree has norm 0; any NaN entry gives NaN; otherwise any inf entry
-      gives inf.
+      gives inf. Under ``jax.vmap`` the overflow check is decided once for the
+      whole batch, so the fast path reads the batch once.
 
     Example:
       >>> import jax.numpy as jnp, optaxclip as oc
@@ -186,73 +285,192 @@ def global_norm(tree: Any, ord: float | None = 2, *, axis_name: AxisName = None)
     return _global_norm(_float_leaves(tree), p, axis_name)
 
 
-# Leaves smaller than this are raveled and packed into one array per dtype before
-# the reduction: a tree of many small leaves (biases, norms, 2000 64x64 blocks)
-# then costs a few large reductions instead of one small kernel per leaf, which
-# is faster to run and to compile. The copy this makes is at most the size of the
-# small leaves. Measurements: benchmarks/RESULTS.md ("hybrid" design).
-_PACK_BELOW = 2**16
-
-
-def _unsharded(x: Array) -> bool:
-    """False for leaves whose type carries a sharding (Explicit mesh axes).
-
-    Concatenating leaves sharded in different ways would force a reshard, so
-    those are reduced one by one, as large leaves are.
-    """
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    return spec is None or all(axis is None for axis in spec)
-
-
-def _packed(leaves: Sequence[Array]) -> list[Array]:
-    """Small leaves concatenated per dtype, then the large leaves as they are."""
-    groups: dict[Any, list[Array]] = {}
-    large = []
-    for x in leaves:
-        if x.size < _PACK_BELOW and _unsharded(x):
-            groups.setdefault(x.dtype, []).append(jnp.ravel(x))
-        else:
-            large.append(x)
-    packed = [group[0] if len(group) == 1 else jnp.concatenate(group) for group in groups.values()]
-    return packed + large
-
-
 def _global_norm(leaves: Sequence[Array], p: float, axis_name: AxisName) -> Array:
     acc = _widest(leaves)
     if not leaves:
         return jnp.zeros([], acc)
-    leaves = _packed(leaves)
-    sums = jnp.stack([_power_sum(x, p).astype(acc) for x in leaves])
     if p == math.inf:
-        return _pmax(jnp.max(sums), axis_name)
-    total = _psum(jnp.sum(sums), axis_name)
+        return _pmax(jnp.max(_global_sums(list(leaves), p)), axis_name)
     if p == 1:
-        return total
-    fast, rescaled = _global_branches(p, axis_name)
-    return lax.cond(_trusted(total), fast, rescaled, total, list(leaves))
+        return _psum(jnp.sum(_global_sums(list(leaves), p)), axis_name)
+    return _global_guarded(p, axis_name)(list(leaves))
 
 
-# The branches of the overflow check are built once per (order, axis_name), so
-# lax.cond finds them in its cache: eager calls then reuse the compiled cond
-# instead of tracing and compiling new closures on every call.
+def _global_sums(leaves: list[Array], p: float) -> Array:
+    acc = _widest(leaves)
+    return jnp.stack([_power_sum(x, p).astype(acc) for x in _packed(leaves)])
+
+
+def _combine_rescued(
+    maxima: Array, scaled_sums: Array, p: float, axis_name: AxisName, axis: int = 0
+) -> Array:
+    """Combines parts ``i`` with ``m_i = max|x_i|`` and ``s_i = sum (|x_i|/m_i)^p``.
+
+    With ``M = max_i m_i``, ``||x||_p = M * (sum_i (m_i/M)^p s_i)^(1/p)``: every
+    term is at most the part's entry count, so nothing overflows. Each part is
+    scaled by its own maximum, not by ``M``: many reductions sharing one divisor
+    make XLA's sibling fusion quadratic in their number (minutes to compile at
+    1,000 leaves).
+    """
+    largest = _pmax(jnp.max(maxima, axis=axis), axis_name)
+    weights = _safe_pow(maxima / jnp.expand_dims(_safe_divisor(largest), axis), p)
+    total = _psum(jnp.sum(weights * scaled_sums, axis=axis), axis_name)
+    return _scaled_norm(largest, total, p)
+
+
+def _rescued_part(x: Array, p: float, axes: Any, acc: Any) -> tuple[Array, Array]:
+    """``(max|x|, sum (|x| / max|x|)^p)`` over ``axes``, both in ``acc``."""
+    largest = _max_magnitude(x, axes).astype(acc)
+    divisor = _safe_divisor(largest)
+    if axes is not None:
+        divisor = jnp.expand_dims(divisor, axes)
+    return largest, _power_sum(_divided(x, divisor, acc), p, axes).astype(acc)
+
+
 @functools.cache
-def _global_branches(p: float, axis_name: AxisName) -> tuple[Callable, Callable]:
-    def fast(total: Array, leaves: list[Array]) -> Array:
+def _global_guarded(p: float, axis_name: AxisName) -> Callable:
+    def fast(leaves: list[Array]) -> Array:
+        return _psum(jnp.sum(_global_sums(leaves, p)), axis_name)
+
+    def finish(total: Array, leaves: list[Array]) -> Array:
         del leaves
         return _root(total, p)
 
-    def rescaled(total: Array, leaves: list[Array]) -> Array:
-        del total
+    def rescue(leaves: list[Array]) -> Array:
         acc = _widest(leaves)
-        largest = _pmax(
-            jnp.max(jnp.stack([_max_magnitude(x).astype(acc) for x in leaves])), axis_name
-        )
-        divisor = _safe_divisor(largest)
-        scaled = sum(_power_sum(_divided(x, divisor, acc), p) for x in leaves)
-        return _scaled_norm(largest, _psum(scaled, axis_name), p)
+        parts = [_rescued_part(x, p, None, acc) for x in _packed(leaves)]
+        maxima, sums = (jnp.stack(column) for column in zip(*parts))
+        return _combine_rescued(maxima, sums, p, axis_name)
 
-    return fast, rescaled
+    return _decide_once(fast, finish, rescue)
+
+
+# --- Per-example global norms ----------------------------------------------------
+
+
+def batched_global_norm(
+    tree: Any, ord: float | None = 2, *, axis: int = 0, axis_name: AxisName = None
+) -> Array:
+    """Per-example global p-norms of a tree whose leaves carry an example axis.
+
+    ``out[b] = ||{x[b] for every float leaf x}||_p``: the global norm of example
+    ``b``'s gradients, where ``x[b]`` indexes ``axis`` of each leaf. It equals
+    ``jax.vmap(global_norm, in_axes=axis)(tree)`` and is what per-example (DP-SGD,
+    micro-batch) clipping needs. The overflow/underflow rescue is decided once for
+    the batch, by one ``lax.cond`` on "some example's sum is untrusted", so the
+    usual call reads the per-example gradients once.
+
+    Args:
+      tree: a pytree of arrays that all have the example axis ``axis``, of one
+        size ``B``. ``None``, ``optax.MaskedNode`` and non-float leaves are
+        skipped (non-float leaves still fix ``B``).
+      ord: 1, 2, ``inf``, or any float p > 0.
+      axis: the example axis of every leaf (negative values count from the end).
+      axis_name: under ``shard_map``/``pmap``, the axis name (or names) each
+        example's entries are sharded over; the example axis itself must not be
+        split over those devices.
+
+    Returns:
+      A float32 (float64 under x64 with a float64 leaf) array of shape ``[B]``,
+      each entry with the semantics of ``global_norm``: 0 for an example without
+      float entries, NaN if one of its entries is NaN, else inf if one is inf.
+
+    Raises:
+      ValueError: a leaf lacks the axis, the leaves disagree on ``B``, or the tree
+        has no array leaf to take ``B`` from.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optaxclip._norms import batched_global_norm
+      >>> grads = {"w": jnp.array([[3.0, 0.0], [0.0, 1e20]]), "b": jnp.array([4.0, 0.0])}
+      >>> batched_global_norm(grads).tolist()
+      [5.0, 1.0000000200408773e+20]
+    """
+    p = validate_ord(ord)
+    axis_name = validate_axis_name(axis_name)
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise ValueError(f"axis must be an int, the example axis of every leaf; got {axis!r}.")
+    sizes = set()
+    moved = []
+    for x in leaves:
+        if not -x.ndim <= axis < x.ndim:
+            raise ValueError(
+                f"axis={axis} is out of range for a leaf of shape {x.shape}: every leaf "
+                f"needs the example axis. Pass axis= the axis that indexes examples."
+            )
+        sizes.add(x.shape[axis])
+        if is_float_leaf(x):
+            moved.append(jnp.moveaxis(x, axis, 0))
+    if len(sizes) > 1:
+        raise ValueError(
+            f"the leaves disagree on the number of examples along axis {axis}: "
+            f"{sorted(sizes)}. Every leaf must hold the same examples."
+        )
+    if not sizes:
+        raise ValueError(
+            "batched_global_norm needs at least one array leaf to take the number of "
+            "examples from; the tree has none."
+        )
+    (batch,) = sizes
+    acc = _widest(moved)
+    if not moved or batch == 0:
+        return jnp.zeros([batch], acc)
+    if p == math.inf:
+        return _pmax(jnp.max(_batched_sums(moved, p), axis=0), axis_name)
+    if p == 1:
+        return _psum(jnp.sum(_batched_sums(moved, p), axis=0), axis_name)
+    return _batched_guarded(p, axis_name)(moved)
+
+
+def _batched_parts(leaves: list[Array]) -> list[Array]:
+    """``[B, ...]`` leaves; small ones reshaped to ``[B, n]`` and joined along axis 1."""
+    groups: dict[Any, list[Array]] = {}
+    large = []
+    for x in leaves:
+        per_example = x.size // max(x.shape[0], 1)
+        if _packable(x, per_example):
+            groups.setdefault(x.dtype, []).append(x.reshape(x.shape[0], per_example))
+        else:
+            large.append(x)
+    packed = [
+        chunk[0] if len(chunk) == 1 else jnp.concatenate(chunk, axis=1)
+        for group in groups.values()
+        for chunk in _chunks(group)
+    ]
+    return packed + large
+
+
+def _example_axes(x: Array) -> tuple[int, ...]:
+    return tuple(range(1, x.ndim))
+
+
+def _batched_sums(leaves: list[Array], p: float) -> Array:
+    acc = _widest(leaves)
+    return jnp.stack(
+        [_power_sum(x, p, _example_axes(x)).astype(acc) for x in _batched_parts(leaves)]
+    )
+
+
+@functools.cache
+def _batched_guarded(p: float, axis_name: AxisName) -> Callable:
+    def fast(leaves: list[Array]) -> Array:
+        return _psum(jnp.sum(_batched_sums(leaves, p), axis=0), axis_name)
+
+    def finish(totals: Array, leaves: list[Array]) -> Array:
+        del leaves
+        return _root(totals, p)
+
+    def rescue(leaves: list[Array]) -> Array:
+        acc = _widest(leaves)
+        parts = [_rescued_part(x, p, _example_axes(x), acc) for x in _batched_parts(leaves)]
+        maxima, sums = (jnp.stack(column) for column in zip(*parts))
+        return _combine_rescued(maxima, sums, p, axis_name)
+
+    return _decide_once(fast, finish, rescue)
+
+
+# --- Per-leaf and unit-wise norms ----------------------------------------------------
 
 
 def unit_norms(
@@ -263,7 +481,8 @@ def unit_norms(
 
     Per-leaf norms are ``axes=None``; unit-wise norms (AGC) reduce over the input
     axes of a kernel and keep the output axis. All arrays share one overflow check,
-    so the fast path stays a single read of each array.
+    so the fast path stays a single read of each array; small arrays of one shape
+    are reduced together (see the packing note above).
     """
     p = validate_ord(ord)
     axis_name = validate_axis_name(axis_name)
@@ -274,42 +493,99 @@ def unit_norms(
         raise ValueError(f"axes has {len(axes)} entries but there are {len(xs)} arrays.")
     if not xs:
         return []
-    sums = _psum([_power_sum(x, p, a) for x, a in zip(xs, axes)], axis_name)
-    if p == math.inf:
-        return _pmax(sums, axis_name)
-    if p == 1:
-        return sums
-    all_trusted = jnp.all(jnp.stack([jnp.all(_trusted(s)) for s in sums]))
-    fast, rescaled = _unit_branches(p, axis_name, _hashable_axes(axes))
-    return lax.cond(all_trusted, fast, rescaled, sums, xs)
+    axes = tuple(_normal_axes(a, x.ndim) for a, x in zip(axes, xs))
+    if p in (1, math.inf):
+        reduce = _pmax if p == math.inf else _psum
+        return reduce(_unit_sums(xs, axes, p), axis_name)
+    return _unit_guarded(p, axis_name, axes)(xs)
 
 
-def _hashable_axes(axes: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple(tuple(a) if isinstance(a, (list, tuple)) else a for a in axes)
+def _normal_axes(a: Any, ndim: int) -> tuple[int, ...] | None:
+    """``axes`` as a sorted tuple of non-negative ints; None stays None (all axes)."""
+    if a is None:
+        return None
+    a = (a,) if isinstance(a, int) else tuple(a)
+    return tuple(sorted(ax % ndim if ndim else ax for ax in a))
+
+
+def _unit_layout(xs: list[Array], axes: tuple[Any, ...]) -> list[tuple[list[int], Any]]:
+    """Which arrays are reduced together: ``[(indices, axes of the joint array)]``.
+
+    A group of several small arrays of one dtype, shape and ``axes`` is stacked
+    along a new leading axis (raveled first when ``axes`` is None) and reduced
+    over the shifted axes, giving one row of norms per array.
+    """
+    groups: dict[Any, list[int]] = {}
+    layout: list[tuple[list[int], Any]] = []
+    for i, (x, a) in enumerate(zip(xs, axes)):
+        if _packable(x, x.size):
+            key = (x.dtype, (x.size,) if a is None else x.shape, a)
+            groups.setdefault(key, []).append(i)
+        else:
+            layout.append(([i], a))
+    for (*_, a), indices in groups.items():
+        for chunk in _chunks(indices):
+            if len(chunk) == 1:
+                layout.append((chunk, a))
+            else:
+                joint = (1,) if a is None else tuple(ax + 1 for ax in a)
+                layout.append((chunk, joint))
+    return layout
+
+
+def _unit_parts(xs: list[Array], axes: tuple[Any, ...]) -> list[tuple[list[int], Array, Any]]:
+    parts = []
+    for indices, a in _unit_layout(xs, axes):
+        if len(indices) == 1:
+            parts.append((indices, xs[indices[0]], a))
+        else:
+            rows = [jnp.ravel(xs[i]) if axes[i] is None else xs[i] for i in indices]
+            parts.append((indices, jnp.stack(rows), a))
+    return parts
+
+
+def _scatter_rows(parts: list[tuple[list[int], Any]], count: int) -> list[Array]:
+    """Per-part results back in the arrays' order (a joint part gives one row each)."""
+    out: list[Any] = [None] * count
+    for indices, result in parts:
+        if len(indices) == 1:
+            out[indices[0]] = result
+        else:
+            for row, i in enumerate(indices):
+                out[i] = result[row]
+    return out
+
+
+def _unit_sums(xs: list[Array], axes: tuple[Any, ...], p: float) -> list[Array]:
+    parts = [(idx, _power_sum(x, p, a)) for idx, x, a in _unit_parts(xs, axes)]
+    return _scatter_rows(parts, len(xs))
 
 
 @functools.cache
-def _unit_branches(
-    p: float, axis_name: AxisName, axes: tuple[Any, ...]
-) -> tuple[Callable, Callable]:
-    def fast(sums: list[Array], xs: list[Array]) -> list[Array]:
-        del xs
-        return [_root(s, p) for s in sums]
+def _unit_guarded(p: float, axis_name: AxisName, axes: tuple[Any, ...]) -> Callable:
+    def fast(xs: list[Array]) -> list[Array]:
+        parts = [(idx, _power_sum(x, p, a)) for idx, x, a in _unit_parts(xs, axes)]
+        return [_psum(s, axis_name) for _, s in parts]
 
-    def rescaled(sums: list[Array], xs: list[Array]) -> list[Array]:
-        del sums
-        largest = _pmax([_max_magnitude(x, a) for x, a in zip(xs, axes)], axis_name)
-        scaled = []
-        for x, a, m in zip(xs, axes, largest):
-            divisor = _safe_divisor(m)
+    def finish(sums: list[Array], xs: list[Array]) -> list[Array]:
+        layout = _unit_layout(xs, axes)
+        return _scatter_rows([(idx, _root(s, p)) for (idx, _), s in zip(layout, sums)], len(xs))
+
+    def rescue(xs: list[Array]) -> list[Array]:
+        parts = []
+        for idx, x, a in _unit_parts(xs, axes):
+            acc = accumulation_dtype(x.dtype)
+            # Each unit is divided by its own maximum (taken across shards), so no
+            # divisor is shared by many reductions.
+            largest = _pmax(_max_magnitude(x, a).astype(acc), axis_name)
+            divisor = _safe_divisor(largest)
             if a is not None:
                 divisor = jnp.expand_dims(divisor, a)
-            acc = accumulation_dtype(x.dtype)
-            scaled.append(_power_sum(_divided(x, divisor, acc), p, a))
-        scaled = _psum(scaled, axis_name)
-        return [_scaled_norm(m, s, p) for m, s in zip(largest, scaled)]
+            scaled = _psum(_power_sum(_divided(x, divisor, acc), p, a), axis_name)
+            parts.append((idx, _scaled_norm(largest, scaled, p)))
+        return _scatter_rows(parts, len(xs))
 
-    return fast, rescaled
+    return _decide_once(fast, finish, rescue)
 
 
 def leaf_norms(tree: Any, ord: float = 2, *, axis_name: AxisName = None) -> Any:
