@@ -106,6 +106,14 @@ def _divided(x: Array, divisor: Array, acc: Any) -> Array:
     return x.astype(acc) / divisor
 
 
+def _multiplied(x: Array, factor: Array, acc: Any) -> Array:
+    """``x * factor`` in ``acc`` precision, keeping the imaginary part of complex ``x``."""
+    if jnp.iscomplexobj(x):
+        # Part by part: a complex product would turn inf * factor into inf + NaN j.
+        return lax.complex(jnp.real(x).astype(acc) * factor, jnp.imag(x).astype(acc) * factor)
+    return x.astype(acc) * factor
+
+
 def _max_magnitude(x: Array, axes: Any = None) -> Array:
     return jnp.max(_magnitude(x, accumulation_dtype(x.dtype)), axis=axes, initial=0)
 
@@ -178,73 +186,99 @@ def _all_trusted_vmap(axis_size: int, in_batched: Any, sums: Any) -> tuple[Array
 
 
 def _decide_once(fast: Callable, finish: Callable, rescue: Callable) -> Callable:
-    """``xs -> finish(fast(xs), xs)`` if every fast sum is trusted, else ``rescue(xs)``."""
+    """``xs -> finish(fast(xs), xs)`` if every fast sum is trusted, else ``rescue(...)``.
 
-    # The branches are the same objects on every call, so that eager calls find
-    # the compiled cond in lax.cond's cache instead of compiling it again.
-    def rescue_branch(sums: Any, xs: list[Array]) -> Any:
-        del sums
-        return rescue(xs)
+    ``finish`` and ``rescue`` take ``(sums, xs)``. They must be the same objects on
+    every call (the factories below are cached), so that eager calls find the
+    compiled cond in lax.cond's cache instead of compiling it again.
+    """
 
     def guarded(xs: list[Array]) -> Any:
         sums = fast(xs)
         trusted = _all_trusted(lax.stop_gradient(sums))
-        return lax.cond(trusted, finish, rescue_branch, sums, xs)
+        return lax.cond(trusted, finish, rescue, sums, xs)
 
     return guarded
 
 
-# --- Packing small leaves ------------------------------------------------------
+# After an overflow of sum |x|^p (p <= 2) every entry is below 2^128, so scaled by
+# 2^-80 its p-th power is below 2^96; after an underflow every entry is below
+# 2^(-63/p), so scaled by 2^80 its p-th power stays normal and below 2^97. Entries
+# lost to the scaling are below 2^-126 relative to what is kept. Power-of-two
+# scaling is exact. For p > 2 no fixed factor covers both ends, and each part is
+# divided by its own maximum instead (a second read).
+_RESCUE_DOWN, _RESCUE_UP = 2.0**-80, 2.0**80
+
+
+def _rescue_factor(power_sum: Array) -> Array:
+    """2^-80 after an overflow of ``power_sum``, else 2^80 (underflow, or NaN)."""
+    return jnp.where(power_sum >= math.inf, _RESCUE_DOWN, _RESCUE_UP).astype(power_sum.dtype)
+
+
+def _unscaled(scaled_power_sum: Array, factor: Array, p: float) -> Array:
+    """The norm from ``sum |x * factor|^p``; NaN stays NaN."""
+    return jnp.where(
+        jnp.isnan(scaled_power_sum), scaled_power_sum, _root(scaled_power_sum, p) / factor
+    )
+
+
+# --- Packing leaves ------------------------------------------------------------
 #
-# Leaves smaller than _PACK_BELOW entries are packed, per dtype (and per shape for
-# per-leaf and unit-wise norms), into chunks of at most _PACK_LEAVES leaves, and
-# each chunk is reduced by one kernel: a tree of many tiny leaves (biases, layer
-# norms, 8x8 blocks) then costs a few reductions instead of one small kernel per
-# leaf, faster to run and much faster to compile. The packing happens where the
-# sums are taken (also inside the rescue branch), never on the cond's operands,
-# so XLA fuses the concatenation into the reduction and copies nothing. A fused
-# concatenation looks up each entry's source leaf, a cost that grows with the
-# leaves in a chunk: hence the chunks, and a limit low enough that only leaves
-# whose own kernel would be launch-bound are packed. Measurements:
-# benchmarks/RESULTS.md ("packing").
-_PACK_BELOW = 2**16
-_PACK_LEAVES = 1 << 30
+# XLA compiles and launches one kernel per reduction, so a tree of thousands of
+# leaves costs thousands of kernels per pass; on CPU each takes about a
+# millisecond to compile. For the global and per-example norms (one result for
+# the whole tree) leaves are therefore joined, raveled and concatenated, and
+# reduced together: leaves under _PACK_BELOW entries, at most _PACK_LEAVES per
+# chunk. On XLA:CPU the join is a copy (its reduction kernels read materialised
+# buffers only), which pays only where a leaf's own kernel would be launch-bound,
+# and the chunks let XLA reuse one chunk's buffer for the next. The rescue
+# branch joins the same way, so a tree of many tiny leaves compiles a few dozen
+# kernels instead of thousands.
+#
+# The joins happen where the sums are taken, never on the cond's operands (an
+# operand would be materialised on every step). Per-leaf and unit-wise norms
+# are not joined (see _unit_guarded). Measurements: benchmarks/RESULTS.md
+# ("packing").
+_PACK_BELOW = 2**13
+_PACK_LEAVES = 256
 
 
 def _unsharded(x: Array) -> bool:
     """False for leaves whose type carries a sharding (Explicit mesh axes).
 
     Concatenating leaves sharded in different ways would force a reshard, so
-    those are reduced one by one, as large leaves are.
+    those are reduced one by one.
     """
     sharding = getattr(jax.typeof(x), "sharding", None)
     spec = getattr(sharding, "spec", None)
     return spec is None or all(axis is None for axis in spec)
 
 
-def _packable(x: Array, per_item: int) -> bool:
-    return 0 < per_item < _PACK_BELOW and _unsharded(x)
+def _layout(xs: Sequence[Array], key: Callable[[int], Any]) -> list[list[int]]:
+    """Indices of ``xs`` reduced together: one chunk per list, alone or joined.
 
-
-def _chunks(items: list[Any]) -> list[list[Any]]:
-    return [items[i:i + _PACK_LEAVES] for i in range(0, len(items), _PACK_LEAVES)]
+    Arrays under ``_PACK_BELOW`` entries with equal ``key(index)`` fill chunks of
+    at most ``_PACK_LEAVES`` in order; the others are alone.
+    """
+    groups: dict[Any, list[int]] = {}
+    layout: list[list[int]] = []
+    for i, x in enumerate(xs):
+        if 0 < x.size < _PACK_BELOW and _unsharded(x):
+            groups.setdefault(key(i), []).append(i)
+        else:
+            layout.append([i])
+    for indices in groups.values():
+        layout += [indices[i:i + _PACK_LEAVES] for i in range(0, len(indices), _PACK_LEAVES)]
+    return layout
 
 
 def _packed(leaves: Sequence[Array]) -> list[Array]:
-    """Small leaves raveled and concatenated per dtype in chunks, then the large leaves."""
-    groups: dict[Any, list[Array]] = {}
-    large = []
-    for x in leaves:
-        if _packable(x, x.size):
-            groups.setdefault(x.dtype, []).append(jnp.ravel(x))
-        else:
-            large.append(x)
-    packed = [
-        chunk[0] if len(chunk) == 1 else jnp.concatenate(chunk)
-        for group in groups.values()
-        for chunk in _chunks(group)
+    """The leaves joined for one global reduction: raveled and concatenated per chunk."""
+    layout = _layout(leaves, lambda i: leaves[i].dtype)
+    return [
+        leaves[c[0]] if len(c) == 1 else jnp.concatenate([jnp.ravel(leaves[i]) for i in c])
+        for c in layout
     ]
-    return packed + large
 
 
 # --- Global norm ---------------------------------------------------------------
@@ -336,11 +370,15 @@ def _global_guarded(p: float, axis_name: AxisName) -> Callable:
         del leaves
         return _root(total, p)
 
-    def rescue(leaves: list[Array]) -> Array:
+    def rescue(total: Array, leaves: list[Array]) -> Array:
         acc = _widest(leaves)
-        parts = [_rescued_part(x, p, None, acc) for x in _packed(leaves)]
-        maxima, sums = (jnp.stack(column) for column in zip(*parts))
-        return _combine_rescued(maxima, sums, p, axis_name)
+        if p > 2:
+            parts = [_rescued_part(x, p, None, acc) for x in _packed(leaves)]
+            maxima, sums = (jnp.stack(column) for column in zip(*parts))
+            return _combine_rescued(maxima, sums, p, axis_name)
+        factor = _rescue_factor(total)
+        scaled = [_power_sum(_multiplied(x, factor, acc), p).astype(acc) for x in _packed(leaves)]
+        return _unscaled(_psum(jnp.sum(jnp.stack(scaled)), axis_name), factor, p)
 
     return _decide_once(fast, finish, rescue)
 
@@ -424,21 +462,13 @@ def batched_global_norm(
 
 
 def _batched_parts(leaves: list[Array]) -> list[Array]:
-    """``[B, ...]`` leaves; small ones reshaped to ``[B, n]`` and joined along axis 1."""
-    groups: dict[Any, list[Array]] = {}
-    large = []
-    for x in leaves:
-        per_example = x.size // max(x.shape[0], 1)
-        if _packable(x, per_example):
-            groups.setdefault(x.dtype, []).append(x.reshape(x.shape[0], per_example))
-        else:
-            large.append(x)
-    packed = [
-        chunk[0] if len(chunk) == 1 else jnp.concatenate(chunk, axis=1)
-        for group in groups.values()
-        for chunk in _chunks(group)
+    """``[B, ...]`` leaves, joined per chunk as ``[B, n]`` rows along axis 1."""
+    layout = _layout(leaves, lambda i: leaves[i].dtype)
+    return [
+        leaves[c[0]] if len(c) == 1
+        else jnp.concatenate([leaves[i].reshape(leaves[i].shape[0], -1) for i in c], axis=1)
+        for c in layout
     ]
-    return packed + large
 
 
 def _example_axes(x: Array) -> tuple[int, ...]:
@@ -461,13 +491,30 @@ def _batched_guarded(p: float, axis_name: AxisName) -> Callable:
         del leaves
         return _root(totals, p)
 
-    def rescue(leaves: list[Array]) -> Array:
+    def rescue(totals: Array, leaves: list[Array]) -> Array:
         acc = _widest(leaves)
-        parts = [_rescued_part(x, p, _example_axes(x), acc) for x in _batched_parts(leaves)]
-        maxima, sums = (jnp.stack(column) for column in zip(*parts))
-        return _combine_rescued(maxima, sums, p, axis_name)
+        parts = _batched_parts(leaves)
+        if p > 2:
+            rescued = [_rescued_part(x, p, _example_axes(x), acc) for x in parts]
+            maxima, sums = (jnp.stack(column) for column in zip(*rescued))
+            return _combine_rescued(maxima, sums, p, axis_name)
+        # Examples whose own sum is trusted keep it (factor 1 re-reads them as is).
+        trusted = _trusted(totals)
+        factor = jnp.where(trusted, 1, _rescue_factor(totals)).astype(totals.dtype)
+        scaled = [
+            _power_sum(_multiplied(x, _per_example(factor, x), acc), p, _example_axes(x))
+            .astype(acc)
+            for x in parts
+        ]
+        rescued = _unscaled(_psum(jnp.sum(jnp.stack(scaled), axis=0), axis_name), factor, p)
+        return jnp.where(trusted, _root(totals, p), rescued)
 
     return _decide_once(fast, finish, rescue)
+
+
+def _per_example(values: Array, x: Array) -> Array:
+    """``[B]`` values shaped to broadcast against a ``[B, ...]`` array."""
+    return values.reshape(values.shape + (1,) * (x.ndim - 1))
 
 
 # --- Per-leaf and unit-wise norms ----------------------------------------------------
@@ -481,8 +528,7 @@ def unit_norms(
 
     Per-leaf norms are ``axes=None``; unit-wise norms (AGC) reduce over the input
     axes of a kernel and keep the output axis. All arrays share one overflow check,
-    so the fast path stays a single read of each array; small arrays of one shape
-    are reduced together (see the packing note above).
+    so the fast path stays a single read of each array.
     """
     p = validate_ord(ord)
     axis_name = validate_axis_name(axis_name)
@@ -494,9 +540,11 @@ def unit_norms(
     if not xs:
         return []
     axes = tuple(_normal_axes(a, x.ndim) for a, x in zip(axes, xs))
-    if p in (1, math.inf):
-        reduce = _pmax if p == math.inf else _psum
-        return reduce(_unit_sums(xs, axes, p), axis_name)
+    sums = [_power_sum(x, p, a) for x, a in zip(xs, axes)]
+    if p == math.inf:
+        return _pmax(sums, axis_name)
+    if p == 1:
+        return _psum(sums, axis_name)
     return _unit_guarded(p, axis_name, axes)(xs)
 
 
@@ -508,83 +556,47 @@ def _normal_axes(a: Any, ndim: int) -> tuple[int, ...] | None:
     return tuple(sorted(ax % ndim if ndim else ax for ax in a))
 
 
-def _unit_layout(xs: list[Array], axes: tuple[Any, ...]) -> list[tuple[list[int], Any]]:
-    """Which arrays are reduced together: ``[(indices, axes of the joint array)]``.
-
-    A group of several small arrays of one dtype, shape and ``axes`` is stacked
-    along a new leading axis (raveled first when ``axes`` is None) and reduced
-    over the shifted axes, giving one row of norms per array.
-    """
-    groups: dict[Any, list[int]] = {}
-    layout: list[tuple[list[int], Any]] = []
-    for i, (x, a) in enumerate(zip(xs, axes)):
-        if _packable(x, x.size):
-            key = (x.dtype, (x.size,) if a is None else x.shape, a)
-            groups.setdefault(key, []).append(i)
-        else:
-            layout.append(([i], a))
-    for (*_, a), indices in groups.items():
-        for chunk in _chunks(indices):
-            if len(chunk) == 1:
-                layout.append((chunk, a))
-            else:
-                joint = (1,) if a is None else tuple(ax + 1 for ax in a)
-                layout.append((chunk, joint))
-    return layout
-
-
-def _unit_parts(xs: list[Array], axes: tuple[Any, ...]) -> list[tuple[list[int], Array, Any]]:
-    parts = []
-    for indices, a in _unit_layout(xs, axes):
-        if len(indices) == 1:
-            parts.append((indices, xs[indices[0]], a))
-        else:
-            rows = [jnp.ravel(xs[i]) if axes[i] is None else xs[i] for i in indices]
-            parts.append((indices, jnp.stack(rows), a))
-    return parts
-
-
-def _scatter_rows(parts: list[tuple[list[int], Any]], count: int) -> list[Array]:
-    """Per-part results back in the arrays' order (a joint part gives one row each)."""
-    out: list[Any] = [None] * count
-    for indices, result in parts:
-        if len(indices) == 1:
-            out[indices[0]] = result
-        else:
-            for row, i in enumerate(indices):
-                out[i] = result[row]
-    return out
-
-
-def _unit_sums(xs: list[Array], axes: tuple[Any, ...], p: float) -> list[Array]:
-    parts = [(idx, _power_sum(x, p, a)) for idx, x, a in _unit_parts(xs, axes)]
-    return _scatter_rows(parts, len(xs))
 
 
 @functools.cache
 def _unit_guarded(p: float, axis_name: AxisName, axes: tuple[Any, ...]) -> Callable:
+    # Per-array results stay per array: joining arrays would hand each consumer a
+    # slice of one shared vector, which XLA compiles in time quadratic in their
+    # number (30 s for 500 slices on CPU). For p <= 2 the rescue re-reads each
+    # array once, scaled by a power of two chosen from its own fast sum; for p > 2
+    # it divides each unit by its own maximum (two reads). No divisor is shared
+    # between arrays either (see _combine_rescued).
     def fast(xs: list[Array]) -> list[Array]:
-        parts = [(idx, _power_sum(x, p, a)) for idx, x, a in _unit_parts(xs, axes)]
-        return [_psum(s, axis_name) for _, s in parts]
+        return [_psum(_power_sum(x, p, a), axis_name) for x, a in zip(xs, axes)]
 
     def finish(sums: list[Array], xs: list[Array]) -> list[Array]:
-        layout = _unit_layout(xs, axes)
-        return _scatter_rows([(idx, _root(s, p)) for (idx, _), s in zip(layout, sums)], len(xs))
+        del xs
+        return [_root(s, p) for s in sums]
 
-    def rescue(xs: list[Array]) -> list[Array]:
-        parts = []
-        for idx, x, a in _unit_parts(xs, axes):
+    def rescue_by_power_of_two(sums: list[Array], xs: list[Array]) -> list[Array]:
+        out = []
+        for s, x, a in zip(sums, xs, axes):
             acc = accumulation_dtype(x.dtype)
-            # Each unit is divided by its own maximum (taken across shards), so no
-            # divisor is shared by many reductions.
+            factor = jnp.where(_trusted(s), 1, _rescue_factor(s)).astype(acc)
+            spread = factor if a is None else jnp.expand_dims(factor, a)
+            scaled = _psum(_power_sum(_multiplied(x, spread, acc), p, a), axis_name)
+            out.append(jnp.where(_trusted(s), _root(s, p), _unscaled(scaled, factor, p)))
+        return out
+
+    def rescue_by_maximum(sums: list[Array], xs: list[Array]) -> list[Array]:
+        del sums
+        out = []
+        for x, a in zip(xs, axes):
+            acc = accumulation_dtype(x.dtype)
             largest = _pmax(_max_magnitude(x, a).astype(acc), axis_name)
             divisor = _safe_divisor(largest)
             if a is not None:
                 divisor = jnp.expand_dims(divisor, a)
             scaled = _psum(_power_sum(_divided(x, divisor, acc), p, a), axis_name)
-            parts.append((idx, _scaled_norm(largest, scaled, p)))
-        return _scatter_rows(parts, len(xs))
+            out.append(_scaled_norm(largest, scaled, p))
+        return out
 
+    rescue = rescue_by_maximum if p > 2 else rescue_by_power_of_two
     return _decide_once(fast, finish, rescue)
 
 
