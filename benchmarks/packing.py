@@ -23,26 +23,27 @@ import optaxclip
 from benchmarks import suites, timing, trees
 from optaxclip import _norms
 
-# (label, fast-path pack limit in entries, leaves per chunk); limit 0 turns the
-# fast-path packing off. The rescue branch packs as the library does in all of them.
+# (label, pack limit in entries, leaves per chunk, most entries packed per dtype);
+# limit 0 turns packing off (the rescue branch packs the same way as the fast path).
+UNCAPPED = 1 << 62
 SETTINGS = (
-    ("fast path unpacked", 0, 1),
-    ("<2^16, one chunk (previous limit)", 2**16, 1 << 30),
-    ("<2^12, chunks of 64", 2**12, 64),
-    ("<2^10, chunks of 256", 2**10, 256),
-    ("<2^8, chunks of 256", 2**8, 256),
+    ("unpacked", 0, 1, UNCAPPED),
+    ("<2^16, one chunk (previous)", 2**16, 1 << 30, UNCAPPED),
+    ("<2^13, chunks of 256", 2**13, 256, UNCAPPED),
+    ("<2^11, chunks of 256, cap 2^20 (library)", 2**11, 256, 2**20),
+    ("<2^11, chunks of 64, cap 2^20", 2**11, 64, 2**20),
 )
 
 
 @contextlib.contextmanager
-def packing(limit: int, chunk: int) -> Iterator[None]:
-    """Temporarily sets the norm core's packing limit and chunk size (read at trace time)."""
-    saved = _norms._PACK_BELOW, _norms._PACK_LEAVES
-    _norms._PACK_BELOW, _norms._PACK_LEAVES = limit, chunk
+def packing(limit: int, chunk: int, total: int = UNCAPPED) -> Iterator[None]:
+    """Temporarily sets the norm core's packing parameters (read at trace time)."""
+    saved = _norms._PACK_BELOW, _norms._PACK_LEAVES, _norms._PACK_TOTAL
+    _norms._PACK_BELOW, _norms._PACK_LEAVES, _norms._PACK_TOTAL = limit, chunk, total
     try:
         yield
     finally:
-        _norms._PACK_BELOW, _norms._PACK_LEAVES = saved
+        _norms._PACK_BELOW, _norms._PACK_LEAVES, _norms._PACK_TOTAL = saved
 
 
 def sweep(tree_shapes: dict[str, trees.Shapes], repeats: int,
@@ -53,9 +54,9 @@ def sweep(tree_shapes: dict[str, trees.Shapes], repeats: int,
         log(f"  packing sweep: {tree_name} ({trees.describe(shapes)})")
         source = jax.tree.map(jax.numpy.asarray, trees.make_tree(shapes))
         contenders, compile_s, memory = {}, {}, {}
-        builds = [("optax", None, None)] + [(label, lim, ch) for label, lim, ch in settings]
-        for label, limit, chunk in builds:
-            ctx = contextlib.nullcontext() if limit is None else packing(limit, chunk)
+        builds = [("optax", None, None, None)] + list(settings)
+        for label, limit, chunk, total in builds:
+            ctx = contextlib.nullcontext() if limit is None else packing(limit, chunk, total)
             with ctx:
                 tx = (optax.clip_by_global_norm(1.0) if limit is None
                       else optaxclip.clip_by_global_norm(1.0))

@@ -228,19 +228,22 @@ def _unscaled(scaled_power_sum: Array, factor: Array, p: float) -> Array:
 # leaves costs thousands of kernels per pass; on CPU each takes about a
 # millisecond to compile. For the global and per-example norms (one result for
 # the whole tree) leaves are therefore joined, raveled and concatenated, and
-# reduced together: leaves under _PACK_BELOW entries, at most _PACK_LEAVES per
-# chunk. On XLA:CPU the join is a copy (its reduction kernels read materialised
-# buffers only), which pays only where a leaf's own kernel would be launch-bound,
-# and the chunks let XLA reuse one chunk's buffer for the next. The rescue
-# branch joins the same way, so a tree of many tiny leaves compiles a few dozen
-# kernels instead of thousands.
+# reduced together: leaves under _PACK_BELOW entries (8 KiB of float32), at most
+# _PACK_LEAVES per chunk and at most _PACK_TOTAL entries (4 MiB) per dtype. On
+# XLA:CPU the join is a copy (its reduction kernels read materialised buffers
+# only) and XLA keeps every chunk's buffer, so packing pays only where a leaf's
+# own kernel would be launch-bound, and the total cap bounds the temporaries it
+# adds whatever the tree. A fused concatenation (GPU) looks up each entry's
+# source per entry, a cost that grows with the leaves in a chunk: hence the
+# chunks. The rescue branch joins the same way.
 #
 # The joins happen where the sums are taken, never on the cond's operands (an
 # operand would be materialised on every step). Per-leaf and unit-wise norms
 # are not joined (see _unit_guarded). Measurements: benchmarks/RESULTS.md
 # ("packing").
-_PACK_BELOW = 2**13
+_PACK_BELOW = 2**11
 _PACK_LEAVES = 256
+_PACK_TOTAL = 2**20
 
 
 def _unsharded(x: Array) -> bool:
@@ -258,13 +261,19 @@ def _layout(xs: Sequence[Array], key: Callable[[int], Any]) -> list[list[int]]:
     """Indices of ``xs`` reduced together: one chunk per list, alone or joined.
 
     Arrays under ``_PACK_BELOW`` entries with equal ``key(index)`` fill chunks of
-    at most ``_PACK_LEAVES`` in order; the others are alone.
+    at most ``_PACK_LEAVES`` in order, until ``_PACK_TOTAL`` entries of that key
+    are packed; the others are alone.
     """
     groups: dict[Any, list[int]] = {}
+    packed_entries: dict[Any, int] = {}
     layout: list[list[int]] = []
     for i, x in enumerate(xs):
-        if 0 < x.size < _PACK_BELOW and _unsharded(x):
-            groups.setdefault(key(i), []).append(i)
+        k = key(i)
+        if 0 < x.size < _PACK_BELOW and _unsharded(x) and (
+            packed_entries.get(k, 0) + x.size <= _PACK_TOTAL
+        ):
+            groups.setdefault(k, []).append(i)
+            packed_entries[k] = packed_entries.get(k, 0) + x.size
         else:
             layout.append([i])
     for indices in groups.values():
@@ -376,9 +385,13 @@ def _global_guarded(p: float, axis_name: AxisName) -> Callable:
             parts = [_rescued_part(x, p, None, acc) for x in _packed(leaves)]
             maxima, sums = (jnp.stack(column) for column in zip(*parts))
             return _combine_rescued(maxima, sums, p, axis_name)
-        factor = _rescue_factor(total)
+        # Under jax.vmap the rescue runs for the whole batch: examples whose own
+        # total is trusted keep it (factor 1 re-reads them as they are).
+        trusted = _trusted(total)
+        factor = jnp.where(trusted, 1, _rescue_factor(total)).astype(total.dtype)
         scaled = [_power_sum(_multiplied(x, factor, acc), p).astype(acc) for x in _packed(leaves)]
-        return _unscaled(_psum(jnp.sum(jnp.stack(scaled)), axis_name), factor, p)
+        rescued = _unscaled(_psum(jnp.sum(jnp.stack(scaled)), axis_name), factor, p)
+        return jnp.where(trusted, _root(total, p), rescued)
 
     return _decide_once(fast, finish, rescue)
 
