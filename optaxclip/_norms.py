@@ -37,7 +37,10 @@ from optaxclip._validate import AxisName, validate_axis_name, validate_ord
 
 Array = jax.Array
 
-__all__ = ["batched_global_norm", "global_norm", "leaf_norms", "unit_norms", "is_float_leaf"]
+__all__ = [
+    "batched_global_norm", "global_norm", "global_norm_parts", "leaf_norms", "unit_norm_parts",
+    "unit_norms", "is_float_leaf",
+]
 
 
 def is_float_leaf(x: Any) -> bool:
@@ -218,12 +221,38 @@ def _decide_once(fast: Callable, finish: Callable, rescue: Callable) -> Callable
 # lost to the scaling are below 2^-126 relative to what is kept. Power-of-two
 # scaling is exact. For p > 2 no fixed factor covers both ends, and each part is
 # divided by its own maximum instead (a second read).
-_RESCUE_DOWN, _RESCUE_UP = 2.0**-80, 2.0**80
+# The same argument holds for float64 (x64) with exponents scaled by its range:
+# 2^-640 and 2^640 (entries below 2^1024; 2^(-511/p) after an underflow).
+def _rescue_exponent(dtype: Any) -> int:
+    """80 for float32, 640 for float64: 5/8 of the dtype's largest binary exponent."""
+    return round(0.625 * jnp.finfo(dtype).maxexp)
 
 
 def _rescue_factor(power_sum: Array) -> Array:
-    """2^-80 after an overflow of ``power_sum``, else 2^80 (underflow, or NaN)."""
-    return jnp.where(power_sum >= math.inf, _RESCUE_DOWN, _RESCUE_UP).astype(power_sum.dtype)
+    """2^-80 after an overflow of ``power_sum``, else 2^80 (underflow, or NaN).
+
+    Scaled to the dtype's range: 2^-640 and 2^640 for float64.
+    """
+    exponent = _rescue_exponent(power_sum.dtype)
+    down, up = 2.0**-exponent, 2.0**exponent
+    return jnp.where(power_sum >= math.inf, down, up).astype(power_sum.dtype)
+
+
+# A norm is also returned as two parts, ``norm = root * multiplier``: the
+# multiplier is 1 on the fast path, the rescue's power of two, or the largest
+# magnitude. Both parts stay finite for finite input even where their product
+# overflows (a float32 norm beyond 3.4e38), so a clipper can still compute an
+# exact scale, ``threshold / multiplier / root``.
+
+
+def _norm(root: Array, multiplier: Array) -> Array:
+    return root * multiplier
+
+
+def _unscaled_parts(scaled_power_sum: Array, factor: Array, p: float) -> tuple[Array, Array]:
+    """Parts of the norm from ``sum |x * factor|^p``; NaN stays NaN."""
+    root = jnp.where(jnp.isnan(scaled_power_sum), scaled_power_sum, _root(scaled_power_sum, p))
+    return root, (1 / factor).astype(scaled_power_sum.dtype)
 
 
 def _unscaled(scaled_power_sum: Array, factor: Array, p: float) -> Array:
@@ -340,14 +369,27 @@ def global_norm(tree: Any, ord: float | None = 2, *, axis_name: AxisName = None)
 
 
 def _global_norm(leaves: Sequence[Array], p: float, axis_name: AxisName) -> Array:
+    return _norm(*global_norm_parts(leaves, p, axis_name))
+
+
+def global_norm_parts(
+    leaves: Sequence[Array], p: float, axis_name: AxisName = None
+) -> tuple[Array, Array]:
+    """The global norm of float ``leaves`` as ``(root, multiplier)``, ``norm = root * m``.
+
+    Both parts are finite for finite input, also when the norm itself is beyond
+    the accumulation dtype's range (see ``_norm``).
+    """
+    leaves = list(leaves)
     acc = _widest(leaves)
+    one = jnp.ones([], acc)
     if not leaves:
-        return jnp.zeros([], acc)
+        return jnp.zeros([], acc), one
     if p == math.inf:
-        return _pmax(jnp.max(_global_sums(list(leaves), p)), axis_name)
+        return _pmax(jnp.max(_global_sums(leaves, p)), axis_name), one
     if p == 1:
-        return _psum(jnp.sum(_global_sums(list(leaves), p)), axis_name)
-    return _global_guarded(p, axis_name)(list(leaves))
+        return _psum(jnp.sum(_global_sums(leaves, p)), axis_name), one
+    return _global_guarded(p, axis_name)(leaves)
 
 
 def _global_sums(leaves: list[Array], p: float) -> Array:
@@ -366,10 +408,24 @@ def _combine_rescued(
     make XLA's sibling fusion quadratic in their number (minutes to compile at
     1,000 leaves).
     """
+    return _norm(*_combine_rescued_parts(maxima, scaled_sums, p, axis_name, axis))
+
+
+def _combine_rescued_parts(
+    maxima: Array, scaled_sums: Array, p: float, axis_name: AxisName, axis: int = 0
+) -> tuple[Array, Array]:
+    """``_combine_rescued`` as ``(root, multiplier)`` parts (see ``_norm``)."""
     largest = _pmax(jnp.max(maxima, axis=axis), axis_name)
     weights = _safe_pow(maxima / jnp.expand_dims(_safe_divisor(largest), axis), p)
     total = _psum(jnp.sum(weights * scaled_sums, axis=axis), axis_name)
-    return _scaled_norm(largest, total, p)
+    return _scaled_parts(largest, total, p)
+
+
+def _scaled_parts(largest: Array, scaled_power_sum: Array, p: float) -> tuple[Array, Array]:
+    """``M * (sum (|x|/M)^p)^(1/p)`` as parts; NaN, inf and 0 ride in the root."""
+    finite_positive = (largest > 0) & (largest < math.inf)
+    root = jnp.where(finite_positive, _root(scaled_power_sum, p), largest)
+    return root, jnp.where(finite_positive, largest, 1).astype(root.dtype)
 
 
 def _rescued_part(x: Array, p: float, axes: Any, acc: Any) -> tuple[Array, Array]:
@@ -386,23 +442,25 @@ def _global_guarded(p: float, axis_name: AxisName) -> Callable:
     def fast(leaves: list[Array]) -> Array:
         return _psum(jnp.sum(_global_sums(leaves, p)), axis_name)
 
-    def finish(total: Array, leaves: list[Array]) -> Array:
+    def finish(total: Array, leaves: list[Array]) -> tuple[Array, Array]:
         del leaves
-        return _root(total, p)
+        return _root(total, p), jnp.ones_like(total)
 
-    def rescue(total: Array, leaves: list[Array]) -> Array:
+    def rescue(total: Array, leaves: list[Array]) -> tuple[Array, Array]:
         acc = _widest(leaves)
         if p > 2:
             parts = [_rescued_part(x, p, None, acc) for x in _packed(leaves)]
             maxima, sums = (jnp.stack(column) for column in zip(*parts))
-            return _combine_rescued(maxima, sums, p, axis_name)
+            return _combine_rescued_parts(maxima, sums, p, axis_name)
         # Under jax.vmap the rescue runs for the whole batch: examples whose own
         # total is trusted keep it (factor 1 re-reads them as they are).
         trusted = _trusted(total)
         factor = jnp.where(trusted, 1, _rescue_factor(total)).astype(total.dtype)
         scaled = [_power_sum(_multiplied(x, factor, acc), p).astype(acc) for x in _packed(leaves)]
-        rescued = _unscaled(_psum(jnp.sum(jnp.stack(scaled)), axis_name), factor, p)
-        return jnp.where(trusted, _root(total, p), rescued)
+        root, multiplier = _unscaled_parts(
+            _psum(jnp.sum(jnp.stack(scaled)), axis_name), factor, p
+        )
+        return jnp.where(trusted, _root(total, p), root), jnp.where(trusted, 1, multiplier)
 
     return _decide_once(fast, finish, rescue)
 
@@ -561,14 +619,21 @@ def unit_norms(
         axes = [None] * len(xs)
     if len(axes) != len(xs):
         raise ValueError(f"axes has {len(axes)} entries but there are {len(xs)} arrays.")
+    return [_norm(*parts) for parts in unit_norm_parts(xs, p, axes, axis_name)]
+
+
+def unit_norm_parts(
+    xs: Sequence[Array], p: float, axes: Sequence[Any], axis_name: AxisName = None
+) -> list[tuple[Array, Array]]:
+    """``unit_norms`` as ``(root, multiplier)`` parts per array (see ``_norm``)."""
+    xs = [jnp.asarray(x) for x in xs]
     if not xs:
         return []
     axes = tuple(_normal_axes(a, x.ndim) for a, x in zip(axes, xs))
-    sums = [_power_sum(x, p, a) for x, a in zip(xs, axes)]
-    if p == math.inf:
-        return _pmax(sums, axis_name)
-    if p == 1:
-        return _psum(sums, axis_name)
+    if p in (1, math.inf):
+        sums = [_power_sum(x, p, a) for x, a in zip(xs, axes)]
+        sums = _pmax(sums, axis_name) if p == math.inf else _psum(sums, axis_name)
+        return [(s, jnp.ones_like(s)) for s in sums]
     return _unit_guarded(p, axis_name, axes)(xs)
 
 
@@ -593,21 +658,25 @@ def _unit_guarded(p: float, axis_name: AxisName, axes: tuple[Any, ...]) -> Calla
     def fast(xs: list[Array]) -> list[Array]:
         return [_psum(_power_sum(x, p, a), axis_name) for x, a in zip(xs, axes)]
 
-    def finish(sums: list[Array], xs: list[Array]) -> list[Array]:
+    def finish(sums: list[Array], xs: list[Array]) -> list[tuple[Array, Array]]:
         del xs
-        return [_root(s, p) for s in sums]
+        return [(_root(s, p), jnp.ones_like(s)) for s in sums]
 
-    def rescue_by_power_of_two(sums: list[Array], xs: list[Array]) -> list[Array]:
+    def rescue_by_power_of_two(
+        sums: list[Array], xs: list[Array]
+    ) -> list[tuple[Array, Array]]:
         out = []
         for s, x, a in zip(sums, xs, axes):
             acc = accumulation_dtype(x.dtype)
-            factor = jnp.where(_trusted(s), 1, _rescue_factor(s)).astype(acc)
+            trusted = _trusted(s)
+            factor = jnp.where(trusted, 1, _rescue_factor(s)).astype(acc)
             spread = factor if a is None else jnp.expand_dims(factor, a)
             scaled = _psum(_power_sum(_multiplied(x, spread, acc), p, a), axis_name)
-            out.append(jnp.where(_trusted(s), _root(s, p), _unscaled(scaled, factor, p)))
+            root, multiplier = _unscaled_parts(scaled, factor, p)
+            out.append((jnp.where(trusted, _root(s, p), root), jnp.where(trusted, 1, multiplier)))
         return out
 
-    def rescue_by_maximum(sums: list[Array], xs: list[Array]) -> list[Array]:
+    def rescue_by_maximum(sums: list[Array], xs: list[Array]) -> list[tuple[Array, Array]]:
         del sums
         out = []
         for x, a in zip(xs, axes):
@@ -617,7 +686,7 @@ def _unit_guarded(p: float, axis_name: AxisName, axes: tuple[Any, ...]) -> Calla
             if a is not None:
                 divisor = jnp.expand_dims(divisor, a)
             scaled = _psum(_power_sum(_divided(x, divisor, acc), p, a), axis_name)
-            out.append(_scaled_norm(largest, scaled, p))
+            out.append(_scaled_parts(largest, scaled, p))
         return out
 
     rescue = rescue_by_maximum if p > 2 else rescue_by_power_of_two
