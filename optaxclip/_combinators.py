@@ -419,6 +419,8 @@ def leaf_kind(update: Any, state: Any, previous: str | None) -> tuple[Kind | Non
     """
     spec = _spec.spec_of(update)
     if spec is not None:
+        if spec.role == "monitor":
+            return "other", ""  # it never changes an update
         return ("update_clipper" if spec.role == "update" else "clipper"), ""
     name = short_name(update)
     if _is_optax_state(state, _OPTAX_ACCUMULATION_STATES):
