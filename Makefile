@@ -56,8 +56,14 @@ $(DOCS_STAMP): $(PY) pyproject.toml
 
 venv: $(STAMP)
 
+# ruff, pyright (the package and a user-style script), the API reference (warnings as
+# errors, every public name documented; its doctests run in the suite), the suite, and
+# the packaging check (sdist, wheel, twine check).
 test: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m pyright --pythonpath $(PY) optaxclip tests/typing
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) tools/check_docs.py docs/_build/html
 	$(PY) -m pytest -n 2 --dist load -q
 	$(PY) tools/check_dist.py
 

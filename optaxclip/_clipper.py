@@ -39,7 +39,9 @@ Array = jax.Array
 __all__ = ["ThresholdRule", "fixed_threshold", "make_clipper"]
 
 # (norm, state, params) -> (threshold, {rule field: new value})
-ThresholdFn = Callable[[Any, Any, Any], tuple[Any, dict[str, Any]]]
+# (norm, state, params) -> (threshold, new fields); rules with ``uses_parts`` also get
+# the norm's parts as a fourth argument.
+ThresholdFn = Callable[..., tuple[Any, dict[str, Any]]]
 
 
 def _no_fields(params: Any) -> dict[str, Any]:

@@ -129,7 +129,7 @@ def _summaries(record: ClipStats, scope: str, per_leaf: bool) -> dict[str, Array
     elif thresholds:
         out["threshold_min"] = jnp.min(_flat(thresholds))
         out["threshold_max"] = jnp.max(_flat(thresholds))
-    if norms:
+    if norms and scales is not None:
         out["scale"] = jnp.min(_flat(scales))
         flags = _flat(clipped)
         out["clipped"] = jnp.any(flags)

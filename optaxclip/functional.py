@@ -17,7 +17,7 @@ without clipping (what HF Trainer logs as ``grad_norm`` when
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import optax
 
@@ -39,7 +39,7 @@ Array = Any
 
 def _run(tx: optax.GradientTransformation, grads: Any) -> tuple[Any, Array]:
     out, state = tx.update(grads, tx.init(grads))
-    return out, state.stats.norm
+    return out, cast(Any, state).stats.norm
 
 
 def clip(
