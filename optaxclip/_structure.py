@@ -57,7 +57,7 @@ class Stage(NamedTuple):
     kind: Kind
     location: str
     state_path: str
-    coverage: frozenset
+    coverage: frozenset[str]
     params: Any
     decay: Any = None
     note: str = ""
