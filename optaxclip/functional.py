@@ -74,8 +74,9 @@ def clip(
       zero gradients              zeros; ``norm`` 0
       ``max_norm = 0``            zeros
       ``max_norm = inf``          ``grads`` unchanged
-      a NaN or inf entry          every entry NaN (as torch without
-                                  ``error_if_nonfinite``); ``norm`` NaN/inf
+      a NaN or inf entry          every entry NaN, ``norm`` NaN/inf (torch:
+                                  the same for NaN; for inf it zeroes
+                                  every finite entry)
       negative static threshold   ``ValueError`` naming ``max_norm``
       ==========================  ============================================
 
