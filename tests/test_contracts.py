@@ -4,7 +4,7 @@ Cases are drawn by hypothesis from the product of dtypes (fp16, bf16, f32,
 complex64, mixed trees, f64 under x64), thresholds (0, the smallest normal,
 tiny, 1, huge, each dtype's max and above, inf; static, traced through
 ``inject_hyperparams`` and scheduled), gradient scales (0, subnormal, tiny, 1,
-large, near each dtype's max; one NaN/+inf/-inf entry), structures (one bare
+large, near each dtype's max, a norm beyond it; one NaN/+inf/-inf entry), structures (one bare
 leaf, many leaves, the empty tree, scalar and zero-size leaves, ``None`` /
 ``MaskedNode`` / integer leaves), execution (eager, jit, vmap, donated state,
 state restored as numpy arrays) and history (fresh, after warmup, after a huge
@@ -40,7 +40,7 @@ CLIPPERS = sorted(name for name, info in FACTORIES.items() if info.kind == "clip
 GUARDS = sorted(name for name, info in FACTORIES.items() if info.kind == "guard")
 
 DTYPES = ("float16", "bfloat16", "float32", "complex64", "mixed", "float64")
-SCALES = ("zero", "subnormal", "tiny", "one", "large", "near_max")
+SCALES = ("zero", "subnormal", "tiny", "one", "large", "near_max", "norm_overflows")
 NONFINITE = (None, "nan", "inf", "-inf")
 STRUCTURES = ("one_leaf", "many_leaves", "empty", "scalar_and_zero_size", "special_leaves")
 THRESHOLDS = ("zero", "smallest_normal", "tiny", "one", "huge", "dtype_max", "above_dtype_max",
@@ -101,6 +101,9 @@ def _scale_value(scale: str, dtype) -> float:
         "one": 1.0,
         "large": min(1e20, float(finfo.max) / 64),
         "near_max": float(finfo.max) / 4,
+        # Finite entries whose norm is above the accumulation dtype's largest value
+        # (float32, bf16 and complex64 leaves; fp16 accumulates in float32 and fits).
+        "norm_overflows": float(finfo.max) * 0.9,
     }[scale]
 
 
