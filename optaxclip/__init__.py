@@ -34,6 +34,12 @@ from optaxclip.invariants import (
 )
 from optaxclip.presets import clipped
 from optaxclip.rms import ClipByRmsState, clip_by_rms
+from optaxclip.update_clip import (
+    ClipUpdateNormState,
+    ClipUpdateRmsState,
+    clip_update_norm,
+    clip_update_rms,
+)
 from optaxclip.zclip import ZClipState, zclip
 
 __version__ = "0.1.0"
@@ -59,6 +65,11 @@ __all__ = [
     "adaptive_grad_clip",
     "autoclip",
     "zclip",
+    # update clippers (after the preconditioner)
+    "ClipUpdateNormState",
+    "ClipUpdateRmsState",
+    "clip_update_norm",
+    "clip_update_rms",
     # guards and presets
     "SkipNonfiniteState",
     "SkipOnSpikeState",
