@@ -34,6 +34,7 @@ from optaxclip.invariants import (
 )
 from optaxclip.presets import clipped
 from optaxclip.rms import ClipByRmsState, clip_by_rms
+from optaxclip.spam import SpamState, SpamStats, spam
 from optaxclip.update_clip import (
     ClipUpdateNormState,
     ClipUpdateRmsState,
@@ -70,6 +71,10 @@ __all__ = [
     "ClipUpdateRmsState",
     "clip_update_norm",
     "clip_update_rms",
+    # moment-aware spike clipping (wraps an Adam-like optimizer)
+    "SpamState",
+    "SpamStats",
+    "spam",
     # guards and presets
     "SkipNonfiniteState",
     "SkipOnSpikeState",

@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 __all__ = ["FactoryInfo", "register_factory", "registered_factories"]
 
-Kind = Literal["clipper", "guard", "preset", "wrapper"]
+Kind = Literal["clipper", "guard", "preset", "wrapper", "moment_clipper"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -29,7 +29,9 @@ class FactoryInfo:
       factory: the callable itself.
       kind: ``"clipper"`` (called with its limit), ``"guard"`` (called with an
         inner transformation), ``"preset"`` (``clipped(tx, **option)``) or
-        ``"wrapper"`` (``checked(tx)``: same state and updates as ``tx``).
+        ``"wrapper"`` (``checked(tx)``: same state and updates as ``tx``) or
+        ``"moment_clipper"`` (called with an inner Adam-like optimizer, whose
+        second moment it clips against, and its limit: ``spam(inner, theta=...)``).
       threshold: the argument that sets the limit, or None when the limit is
         adaptive and has no such argument.
       test_kwargs: keyword arguments that keep a short test meaningful (e.g. a
