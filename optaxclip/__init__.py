@@ -32,6 +32,7 @@ from optaxclip.invariants import (
     check_order,
     checked,
 )
+from optaxclip.per_example import ClipPerExampleState, PerExampleStats, clip_per_example
 from optaxclip.presets import clipped
 from optaxclip.rms import ClipByRmsState, clip_by_rms
 from optaxclip.spam import SpamState, SpamStats, spam
@@ -71,6 +72,10 @@ __all__ = [
     "ClipUpdateRmsState",
     "clip_update_norm",
     "clip_update_rms",
+    # per-example clipping (DP-SGD)
+    "ClipPerExampleState",
+    "PerExampleStats",
+    "clip_per_example",
     # moment-aware spike clipping (wraps an Adam-like optimizer)
     "SpamState",
     "SpamStats",
