@@ -106,8 +106,11 @@ def _parts_scale(norm: Array, root: Array, multiplier: Array, threshold: Array) 
     """``min(1, threshold / norm)``, exact from the parts where ``norm`` overflowed."""
     scale, _ = _scaling.scale_factor(norm, threshold.astype(norm.dtype))
     overflowed = jnp.isposinf(norm) & jnp.isfinite(root) & jnp.isfinite(multiplier) & (root > 0)
-    exact = jnp.minimum(threshold / jnp.where(overflowed, multiplier, 1)
-                        / jnp.where(overflowed, root, 1), 1)
+    # The multiplier is a power of two (ord 2), so its inverse is exact; written
+    # as a product, XLA cannot fold the two divisions into one by the overflowed
+    # ``multiplier * root``.
+    inverse = 1 / jnp.where(overflowed, multiplier, 1)
+    exact = jnp.minimum(threshold * inverse / jnp.where(overflowed, root, 1), 1)
     return jnp.where(overflowed, exact.astype(scale.dtype), scale)
 
 
