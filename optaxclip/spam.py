@@ -278,7 +278,8 @@ def spam(
         coordinates keep their phase;
       * a coordinate with ``g_i^2 <= theta v_i``, or with ``v_i = 0``, reaches
         the inner optimizer bit-identical; with ``reset_interval=None`` a step
-        without spikes is exactly the inner update;
+        without spikes computes exactly the inner update (bit-identical
+        eagerly; under ``jit`` XLA may fuse it differently, within an ulp);
       * the test is ``|g| > sqrt(theta) sqrt(v)`` in float32 or wider, so
         neither ``g^2`` (``1e20`` in float32) nor ``theta v`` overflows;
       * the state is the inner state, a step count and the stats: arrays only,
