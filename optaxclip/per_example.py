@@ -25,7 +25,7 @@ from jax import lax
 
 from optaxclip import _norms, _scaling, _state
 from optaxclip._registry import register_factory
-from optaxclip._validate import is_traced, validate_real, validate_threshold
+from optaxclip._validate import is_traced, validate_int, validate_real, validate_threshold
 
 Array = jax.Array
 
@@ -318,8 +318,7 @@ def clip_per_example(
             "noise_multiplier > 0 needs a finite max_norm: the noise is scaled by the "
             f"sensitivity max_norm, and max_norm={max_norm!r} bounds nothing."
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int; got {seed!r}.")
+    seed = validate_int(seed, "seed", minimum=-(2**63))
 
     def init_fn(params: Any) -> ClipPerExampleState:
         del params

@@ -308,3 +308,23 @@ def test_registered_as_per_example():
     assert info.kind == "per_example" and info.threshold == "max_norm"
     out, _ = info.build(1.0).update(_grads(0), info.build(1.0).init(None))
     assert out["w"].shape == (3, 4)
+
+
+def test_inject_hyperparams_traces_max_norm():
+    static = ("noise_multiplier", "seed")
+    tx = optax.inject_hyperparams(oc.clip_per_example, static_args=static)(
+        max_norm=1.0, noise_multiplier=0.5, seed=2)
+    state = tx.init(None)
+    step = jax.jit(tx.update)
+    _, state = step(_grads(0), state)
+    out, state = step(_grads(1), state)
+    direct = oc.clip_per_example(1.0, noise_multiplier=0.5, seed=2)
+    d_state = direct.init(None)
+    _, d_state = direct.update(_grads(0), d_state)
+    want, _ = direct.update(_grads(1), d_state)
+    _close(out, [np.asarray(w, np.float64) for w in jax.tree.leaves(want)], 1e-5)
+    assert float(oc.stats(state)["clip_per_example/noise_std"]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="static_args"):
+        unlisted = optax.inject_hyperparams(oc.clip_per_example)(max_norm=1.0,
+                                                                 noise_multiplier=0.5)
+        jax.jit(unlisted.update)(_grads(0), unlisted.init(None))
