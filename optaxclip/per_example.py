@@ -92,13 +92,15 @@ def _example_scales(
     rows = [x.reshape(x.shape[0], -1) for x in leaves]  # a reshape, not a copy
     parts = _norms.unit_norm_parts(rows, 2.0, [(1,)] * len(rows))
     share = threshold / math.sqrt(len(leaves))
-    scales, squares = [], 0
-    for root, multiplier in parts:
-        norm = _norms._norm(root, multiplier)
-        scales.append(_parts_scale(norm, root, multiplier, share))
-        squares = squares + jnp.square(norm.astype(jnp.float32))
-    norms = jnp.sqrt(squares)
-    clipped = jnp.any(jnp.stack([s != 1 for s in scales]), axis=0)
+    # One [L, B] computation for every layer's scale instead of L small ones.
+    acc = jnp.result_type(*[root.dtype for root, _ in parts])
+    roots = jnp.stack([root.astype(acc) for root, _ in parts])
+    multipliers = jnp.stack([multiplier.astype(acc) for _, multiplier in parts])
+    layer_norms = _norms._norm(roots, multipliers)
+    table = _parts_scale(layer_norms, roots, multipliers, share)
+    norms = jnp.sqrt(jnp.sum(jnp.square(layer_norms.astype(jnp.float32)), axis=0))
+    clipped = jnp.any(table != 1, axis=0)
+    scales = list(table)
     return norms, scales, clipped
 
 
