@@ -143,7 +143,7 @@ def _reduce(x: Array, scale: Array, noise: Array | None, divisor: int) -> Array:
     """
     acc = jnp.promote_types(x.dtype, _norms.accumulation_dtype(x.dtype))
     # A contraction, not jnp.sum(x * scale, axis=0): XLA:CPU reduces over the
-    # major axis about 60x slower than it runs the dot (measured in
+    # major axis about 100x slower than it runs the dot (measured in
     # benchmarks/per_example.py).
     total = jnp.tensordot(scale.astype(_norms.accumulation_dtype(acc)), x.astype(acc), axes=1,
                           precision=lax.Precision.HIGHEST)
