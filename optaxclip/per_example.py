@@ -125,7 +125,7 @@ def _rescued_scales(scale: Array, leaves: list[Array], threshold: Array,
     XLA:CPU flushes to zero) their squares sum without overflow.
     """
     acc = _norms._widest(leaves)
-    factor = 2.0 ** -_norms._rescue_exponent(acc)
+    factor = jnp.asarray(2.0 ** -_norms._rescue_exponent(acc), acc)
     root = _norms.batched_global_norm([_norms._multiplied(x, factor, acc) for x in leaves])
     usable = jnp.isfinite(root) & (root > 0)
     exact = jnp.minimum(threshold * factor / jnp.where(usable, root, 1), 1)
@@ -329,7 +329,7 @@ def clip_per_example(
         key = jax.random.key_data(jax.random.key(seed))
         return ClipPerExampleState(jnp.zeros([], jnp.int32), key, stats)
 
-    def update_fn(updates: Any, state: ClipPerExampleState, params: Any = None,
+    def update_fn(updates: Any, state: Any, params: Any = None,
                   noise_key: Any = None, **extra_args: Any):
         del params, extra_args
         state = jax.tree.map(jnp.asarray, state)
@@ -371,6 +371,6 @@ def clip_per_example(
         stats = PerExampleStats(norm_max.astype(jnp.float32), norm_median.astype(jnp.float32),
                                 fraction, threshold, std)
         return treedef.unflatten(out), ClipPerExampleState(
-            optax.safe_increment(state.count), key, stats)
+            jnp.asarray(optax.safe_increment(state.count)), key, stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -352,7 +352,7 @@ def spam(
         )
         return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
-    def update_fn(updates: Any, state: SpamState, params: Any = None, **extra_args: Any):
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any):
         state = jax.tree.map(jnp.asarray, state)
         inner_state, stats = state.inner_state, state.spam
         if reset_interval is not None:
@@ -375,7 +375,7 @@ def spam(
         fraction = num_clipped.astype(jnp.float32) / max(total, 1)
         new_stats = SpamStats(num_clipped, fraction, num_nonfinite, since.astype(jnp.int32),
                               resets.astype(jnp.int32), scale.astype(jnp.float32))
-        return out, SpamState(new_inner, optax.safe_increment(state.count), new_stats)
+        return out, SpamState(new_inner, jnp.asarray(optax.safe_increment(state.count)), new_stats)
 
     remake = lambda new_inner: spam(new_inner, theta=theta, reset_interval=reset_interval,
                                     warmup_steps=warmup_steps)
