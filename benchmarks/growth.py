@@ -1,0 +1,168 @@
+"""Cost growth: step and compile time against the number of leaves and the total size.
+
+Two sweeps of the standalone ``clip_by_global_norm`` update (clipping every call,
+donated fresh input), optaxclip next to optax, interleaved at each point:
+
+* leaves: 10 ... 20,000 leaves holding 1,280,000 f32 entries in all (20,000
+  leaves of 8x8 at the end);
+* size: 1M ... 128M entries in 100 leaves.
+
+optax's compile time grows faster than linearly in the number of leaves on
+XLA:CPU; points where its predicted compile time is over ``OPTAX_COMPILE_LIMIT_S``
+(from the two previous points) are not run for optax and say so.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optaxclip
+from benchmarks import suites, timing, trees
+
+TOTAL_ENTRIES = 1_280_000
+OPTAX_COMPILE_LIMIT_S = 900.0
+
+
+@dataclass(frozen=True)
+class GrowthSizes:
+    label: str
+    leaf_counts: tuple[int, ...]
+    sizes: tuple[int, ...]  # total entries, at SIZE_SWEEP_LEAVES leaves
+    size_sweep_leaves: int
+    repeats: int
+
+
+FULL_GROWTH = GrowthSizes("full", (10, 100, 1000, 5000, 20000),
+                          (2**20, 2**22, 2**24, 2**26, 2**27), 100, repeats=9)
+QUICK_GROWTH = GrowthSizes("quick", (10, 100, 400), (2**18, 2**20), 20, repeats=5)
+TINY_GROWTH = GrowthSizes("tiny", (2, 4), (64, 256), 2, repeats=2)
+
+
+def leaf_shape(total: int, count: int) -> tuple[int, ...]:
+    """A near-square 2-D shape of about ``total / count`` entries."""
+    per_leaf = max(total // count, 1)
+    rows = max(int(math.sqrt(per_leaf)), 1)
+    while per_leaf % rows:
+        rows -= 1
+    return (rows, per_leaf // rows)
+
+
+def _point(shapes: trees.Shapes, repeats: int, with_optax: bool) -> dict:
+    source = jax.tree.map(jnp.asarray, trees.make_tree(shapes))
+    txs = {"optaxclip": optaxclip.clip_by_global_norm(1.0)}
+    if with_optax:
+        txs["optax"] = optax.clip_by_global_norm(1.0)
+    contenders, compile_s, memory = {}, {}, {}
+    for name, tx in txs.items():
+        start = time.perf_counter()
+        contenders[name] = suites._Clip(tx, source, refresh=True)
+        compile_s[name] = time.perf_counter() - start
+        memory[name] = suites._memory(contenders[name].compiled)
+    samples = timing.interleaved(contenders, repeats)
+    out = {"description": trees.describe(shapes), "times":
+           {k: timing.summary(v) for k, v in samples.items()},
+           "compile_s": compile_s, "memory": memory}
+    del contenders, source
+    gc.collect()
+    return out
+
+
+def _predicted(points: Sequence[dict], x: Sequence[int], at: int) -> float:
+    """Power-law extrapolation of optax's compile seconds from its last two points."""
+    known = [(xi, p["compile_s"]["optax"]) for xi, p in zip(x, points) if "optax" in
+             p["compile_s"]]
+    if len(known) < 2:
+        return 0.0
+    (x0, y0), (x1, y1) = known[-2:]
+    slope = math.log(max(y1, 1e-9) / max(y0, 1e-9)) / math.log(x1 / x0)
+    return y1 * (at / x1) ** max(slope, 1.0)
+
+
+def run(sizes: GrowthSizes, log: Any = print) -> dict:
+    out: dict[str, Any] = {"leaves": {}, "size": {}, "limit_s": OPTAX_COMPILE_LIMIT_S}
+    done: list[dict] = []
+    for count in sizes.leaf_counts:
+        shape = leaf_shape(TOTAL_ENTRIES if sizes.label != "tiny" else 64, count)
+        predicted = _predicted(done, sizes.leaf_counts[: len(done)], count)
+        with_optax = predicted <= OPTAX_COMPILE_LIMIT_S
+        log(f"  growth: {count} leaves of {shape}"
+            + ("" if with_optax else f" (optax skipped: predicted compile {predicted:.0f} s)"))
+        point = _point(trees.many_leaves_shapes(count, shape), sizes.repeats, with_optax)
+        point["shape"] = shape
+        if not with_optax:
+            point["optax_predicted_compile_s"] = predicted
+        out["leaves"][str(count)] = point
+        done.append(point)
+    for total in sizes.sizes:
+        shape = leaf_shape(total, sizes.size_sweep_leaves)
+        log(f"  growth: {total:,} entries in {sizes.size_sweep_leaves} leaves of {shape}")
+        point = _point(trees.many_leaves_shapes(sizes.size_sweep_leaves, shape), sizes.repeats,
+                       True)
+        point["shape"] = shape
+        out["size"][str(total)] = point
+    return out
+
+
+def growth_rows(sweep: dict) -> list[dict]:
+    """Per point: both medians, both compile times, the ratios, and the step-time growth of
+    optaxclip relative to optax's since the previous point (> 1: grew faster)."""
+    rows, previous = [], None
+    for x, p in sweep.items():
+        t, c = p["times"], p["compile_s"]
+        row = {"x": int(x), "shape": p.get("shape"), "optaxclip_ms": t["optaxclip"]["median_ms"],
+               "optax_ms": t.get("optax", {}).get("median_ms", math.nan),
+               "optaxclip_compile_s": c["optaxclip"], "optax_compile_s": c.get("optax", math.nan),
+               "optaxclip_temp_mib": p["memory"]["optaxclip"].get("temp_bytes", 0) / 2**20,
+               "optax_predicted_compile_s": p.get("optax_predicted_compile_s")}
+        row["step_ratio"] = row["optaxclip_ms"] / row["optax_ms"]
+        row["compile_ratio"] = row["optaxclip_compile_s"] / row["optax_compile_s"]
+        row["relative_growth"] = (row["step_ratio"] / previous["step_ratio"]
+                                  if previous and not math.isnan(previous["step_ratio"])
+                                  else math.nan)
+        rows.append(row)
+        previous = row
+    return rows
+
+
+def plot(results: dict, path: str) -> None:
+    """Four log-log panels: step and compile time against leaves and against size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    panels = [("leaves", "ms", "step time (ms)"), ("leaves", "compile_s", "compile time (s)"),
+              ("size", "ms", "step time (ms)"), ("size", "compile_s", "compile time (s)")]
+    for ax, (sweep, key, ylabel) in zip(axes.T.ravel(), panels):
+        rows = growth_rows(results[sweep])
+        xs = [r["x"] for r in rows]
+        for who, style in (("optaxclip", "o-"), ("optax", "s--")):
+            ys = [r[f"{who}_{key}"] for r in rows]
+            ax.plot(xs, ys, style, label=who)
+        if key == "compile_s":
+            predicted = [(r["x"], r["optax_predicted_compile_s"]) for r in rows
+                         if r["optax_predicted_compile_s"]]
+            if predicted:
+                ax.plot(*zip(*predicted), "s", mfc="none", color="C1",
+                        label="optax, predicted (not run)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("leaves (1.28M entries in all)" if sweep == "leaves"
+                      else "entries (100 leaves)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("clip_by_global_norm standalone update: optaxclip vs optax (XLA:CPU, 2 cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
