@@ -4,7 +4,8 @@
 the library (or a user) registered with ``register_factory``. A new clipper is
 benchmarked without editing this file: a ``"clipper"`` is built with its
 threshold argument set to ``ARGUMENTS.get(name, DEFAULT_THRESHOLD)``, a
-``"guard"`` or ``"wrapper"`` around ``chain(clip_by_global_norm, adam)``, the
+``"guard"`` around ``chain(clip_by_global_norm, adam)`` (``"wrapper"``s, i.e.
+``checked``, need ``chex.chexify`` outside the jit and are listed as skipped), the
 ``"preset"`` as ``clipped(adam, global_clipnorm=...)``. Where a clipper sits
 relative to the optimizer comes from its declared role (``optaxclip.spec_of``):
 a gradient clipper before Adam, an update clipper after it.
@@ -74,7 +75,7 @@ def step_contenders(
 
     ``adam`` alone, ``optax.clip_by_global_norm`` chained ahead of it, every
     registered clipper chained ahead of it (an update clipper after it), every
-    guard and wrapper around ``chain(clip_by_global_norm, adam)``, and
+    guard around ``chain(clip_by_global_norm, adam)``, and
     ``clipped(adam, global_clipnorm=...)``.
     """
     out = {
@@ -86,7 +87,11 @@ def step_contenders(
     skipped: dict[str, str] = {}
     inner = lambda: optax.chain(optaxclip.clip_by_global_norm(threshold), optimizer())
     for name, info in optaxclip_factories().items():
-        if info.kind in ("guard", "wrapper"):
+        if info.kind == "wrapper":
+            skipped[name] = ("runtime checks (checkify) need chex.chexify around the jitted "
+                             "step; opt-in debugging, not a training configuration")
+            continue
+        if info.kind == "guard":
             # Guards with their defaults (the library's, not the quick-test ones).
             make = lambda info=info: info.factory(inner())
             label, group = f"{name}(chain(clip_by_global_norm, adam))", info.kind

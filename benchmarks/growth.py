@@ -10,10 +10,16 @@ donated fresh input), optaxclip next to optax, interleaved at each point:
 optax's compile time grows faster than linearly in the number of leaves on
 XLA:CPU; points where its predicted compile time is over ``OPTAX_COMPILE_LIMIT_S``
 (from the two previous points) are not run for optax and say so.
+
+Where the small leaves hold more than the library's packing cap
+(``_norms._PACK_TOTAL`` entries per dtype), the leaf sweep also runs
+``optaxclip`` with the cap raised to ``RAISED_CAP`` ("optaxclip, cap 2^24"):
+the measurement behind keeping or raising the cap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
@@ -26,10 +32,13 @@ import jax.numpy as jnp
 import optax
 
 import optaxclip
-from benchmarks import suites, timing, trees
+from benchmarks import packing, suites, timing, trees
+from optaxclip import _norms
 
 TOTAL_ENTRIES = 1_280_000
-OPTAX_COMPILE_LIMIT_S = 900.0
+OPTAX_COMPILE_LIMIT_S = 120.0
+RAISED_CAP = 2**24
+RAISED = "optaxclip, cap 2^24"
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,7 @@ class GrowthSizes:
 
 
 FULL_GROWTH = GrowthSizes("full", (10, 100, 1000, 5000, 20000),
-                          (2**20, 2**22, 2**24, 2**26, 2**27), 100, repeats=9)
+                          (2**20, 2**22, 2**24, 2**26), 100, repeats=9)
 QUICK_GROWTH = GrowthSizes("quick", (10, 100, 400), (2**18, 2**20), 20, repeats=5)
 TINY_GROWTH = GrowthSizes("tiny", (2, 4), (64, 256), 2, repeats=2)
 
@@ -56,16 +65,27 @@ def leaf_shape(total: int, count: int) -> tuple[int, ...]:
     return (rows, per_leaf // rows)
 
 
+def _packed_entries(shapes: trees.Shapes) -> int:
+    """Entries in leaves small enough to be packed (all f32 here)."""
+    sizes = [math.prod(s) for s in shapes.values()]
+    return sum(n for n in sizes if n < _norms._PACK_BELOW)
+
+
 def _point(shapes: trees.Shapes, repeats: int, with_optax: bool) -> dict:
     source = jax.tree.map(jnp.asarray, trees.make_tree(shapes))
-    txs = {"optaxclip": optaxclip.clip_by_global_norm(1.0)}
+    txs = {"optaxclip": (optaxclip.clip_by_global_norm, None)}
     if with_optax:
-        txs["optax"] = optax.clip_by_global_norm(1.0)
+        txs["optax"] = (optax.clip_by_global_norm, None)
+    if _packed_entries(shapes) > _norms._PACK_TOTAL:
+        txs[RAISED] = (optaxclip.clip_by_global_norm, RAISED_CAP)
     contenders, compile_s, memory = {}, {}, {}
-    for name, tx in txs.items():
-        start = time.perf_counter()
-        contenders[name] = suites._Clip(tx, source, refresh=True)
-        compile_s[name] = time.perf_counter() - start
+    for name, (factory, cap) in txs.items():
+        settings = (packing.packing(_norms._PACK_BELOW, _norms._PACK_LEAVES, cap)
+                    if cap else contextlib.nullcontext())
+        with settings:  # read at trace time, i.e. inside _Clip's compile
+            start = time.perf_counter()
+            contenders[name] = suites._Clip(factory(1.0), source, refresh=True)
+            compile_s[name] = time.perf_counter() - start
         memory[name] = suites._memory(contenders[name].compiled)
     samples = timing.interleaved(contenders, repeats)
     out = {"description": trees.describe(shapes), "times":
@@ -166,3 +186,58 @@ def plot(results: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def render(results: dict) -> list[str]:
+    lines: list[str] = []
+    for sweep, title in (("leaves", f"leaves, {TOTAL_ENTRIES:,} f32 entries in all"),
+                         ("size", "total size, 100 leaves")):
+        sweep_points = results.get(sweep, {})
+        if not sweep_points:
+            continue
+        lines += ["", f"#### Growth against {title} (standalone clip_by_global_norm, "
+                  "clipping every call)", "",
+                  "| x | leaf shape | optaxclip ms | optax ms | step ratio | optaxclip compile s "
+                  "| optax compile s | compile ratio | optaxclip temp MiB | cap 2^24 ms "
+                  "| cap 2^24 compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row, point in zip(growth_rows(sweep_points), sweep_points.values()):
+            raised_t = point["times"].get(RAISED, {}).get("median_ms")
+            raised_c = point["compile_s"].get(RAISED)
+            optax_c = (f"{row['optax_compile_s']:.2f}" if not math.isnan(row["optax_compile_s"])
+                       else f"not run (predicted {row['optax_predicted_compile_s']:.0f})")
+            lines.append(
+                f"| {row['x']:,} | {'x'.join(map(str, row['shape']))} "
+                f"| {row['optaxclip_ms']:.2f} | {row['optax_ms']:.2f} | {row['step_ratio']:.3f}x "
+                f"| {row['optaxclip_compile_s']:.2f} | {optax_c} | {row['compile_ratio']:.3f}x "
+                f"| {row['optaxclip_temp_mib']:.2f} "
+                f"| {'-' if raised_t is None else f'{raised_t:.2f}'} "
+                f"| {'-' if raised_c is None else f'{raised_c:.2f}'} |")
+    return lines
+
+
+SIZES = {"full": FULL_GROWTH, "quick": QUICK_GROWTH, "tiny": TINY_GROWTH}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description="growth of step and compile time")
+    parser.add_argument("--sizes", choices=tuple(SIZES), default="full")
+    parser.add_argument("--json")
+    parser.add_argument("--plot", help="PNG path")
+    args = parser.parse_args(argv)
+    result = run(SIZES[args.sizes], log=lambda m: print(m, file=sys.stderr, flush=True))
+    result["machine"] = timing.machine()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.plot:
+        plot(result, args.plot)
+    print("\n".join(render(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

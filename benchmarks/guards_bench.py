@@ -28,14 +28,19 @@ from benchmarks import designs, hlo, models, suites, timing, train_step, trees
 THRESHOLD = 0.1
 
 
-def guard_transforms() -> dict[str, Callable[[], optax.GradientTransformation]]:
+def guard_transforms(with_spike: bool = False
+                     ) -> dict[str, Callable[[], optax.GradientTransformation]]:
     inner = lambda: optax.chain(optaxclip.clip_by_global_norm(THRESHOLD), optax.adam(1e-3))
-    return {
+    out = {
+        "adam": lambda: optax.adam(1e-3),
         "chain(clip, adam)": inner,
         "library skip_nonfinite": lambda: optaxclip.skip_nonfinite(inner()),
         "select form": lambda: designs.skip_nonfinite_select(inner()),
         "cond form": lambda: designs.skip_nonfinite_cond(inner()),
     }
+    if with_spike:
+        out["library skip_on_spike"] = lambda: optaxclip.skip_on_spike(inner())
+    return out
 
 
 def _timed(steps: dict[str, Any], repeats: int) -> dict:
@@ -43,13 +48,15 @@ def _timed(steps: dict[str, Any], repeats: int) -> dict:
     return {k: timing.summary(v) for k, v in samples.items()}
 
 
-def in_train_step(config: models.GPTConfig, repeats: int) -> dict:
-    """The guards in the GPT train step (f32): time and XLA's memory plan."""
-    problem = models.gpt_problem(config)
+def in_train_step(config: models.GPTConfig, repeats: int, dtype: Any = jnp.float32) -> dict:
+    """The guards in the GPT train step: time, XLA's memory plan, HLO reading."""
+    problem = models.gpt_problem(config, dtype)
     steps = {name: train_step._Step(problem, make(), False)
-             for name, make in guard_transforms().items()}
-    out = {"times": _timed(steps, repeats),
-           "memory": {k: suites._memory(s.compiled) for k, s in steps.items()}}
+             for name, make in guard_transforms(with_spike=True).items()}
+    out = {"model": problem.label, "times": _timed(steps, repeats),
+           "memory": {k: suites._memory(s.compiled) for k, s in steps.items()},
+           "compile_s": {k: s.compile_s for k, s in steps.items()},
+           "hlo": {k: hlo.analyse(s.compiled.as_text()) for k, s in steps.items()}}
     del steps
     gc.collect()
     return out
@@ -136,7 +143,8 @@ def shard_map_in_subprocess(config: models.MLPConfig, repeats: int, log: Any = p
                         " --xla_force_host_platform_device_count=8").strip()
     env.setdefault("JAX_PLATFORMS", "cpu")
     arguments = json.dumps({"config": config.__dict__, "repeats": repeats})
-    done = subprocess.run([sys.executable, "-m", "benchmarks.guards_bench", arguments],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.guards_bench",
+                           "--shard-map-child", arguments],
                           env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         log(done.stderr[-2000:])
@@ -164,13 +172,127 @@ def clip_by_value(shapes: trees.Shapes, repeats: int) -> dict:
             "kernels": kernels}
 
 
-def main(argv: list[str]) -> int:
-    arguments = json.loads(argv[0])
-    config = models.MLPConfig(**arguments["config"])
-    print(json.dumps(under_shard_map(config, arguments["repeats"])))
+def clip_by_value_step(config: models.GPTConfig, repeats: int, delta: float = 1e-4) -> dict:
+    """``clip_by_value`` chained ahead of Adam in the GPT train step, against ``optax.clip``
+    and the same clamp without its statistic."""
+    problem = models.gpt_problem(config)
+    txs = {
+        "adam": lambda: optax.adam(1e-3),
+        "chain(optaxclip.clip_by_value, adam)":
+            lambda: optax.chain(optaxclip.clip_by_value(delta), optax.adam(1e-3)),
+        "chain(optax.clip, adam)": lambda: optax.chain(optax.clip(delta), optax.adam(1e-3)),
+        "chain(clamp without stats, adam)":
+            lambda: optax.chain(designs.clip_by_value_nostats(delta), optax.adam(1e-3)),
+    }
+    steps = {name: train_step._Step(problem, make(), False) for name, make in txs.items()}
+    out = {"model": problem.label, "times": _timed(steps, repeats),
+           "memory": {k: suites._memory(s.compiled) for k, s in steps.items()},
+           "hlo": {k: hlo.analyse(s.compiled.as_text()) for k, s in steps.items()}}
+    del steps
+    gc.collect()
+    return out
+
+
+def run(step_config: models.GPTConfig, mlp_config: models.MLPConfig, value_shapes: trees.Shapes,
+        repeats: int, members: int = 8, with_shard_map: bool = False,
+        log: Any = print) -> dict:
+    out: dict[str, Any] = {}
+    log("  guards in the GPT train step (f32) ...")
+    out["train_step"] = in_train_step(step_config, repeats)
+    log("  guards in a vmapped MLP train step ...")
+    out["vmap"] = under_vmap(mlp_config, members, repeats)
+    if with_shard_map:
+        log("  guards under shard_map (8 virtual devices, subprocess) ...")
+        out["shard_map"] = shard_map_in_subprocess(mlp_config, repeats, log)
+    log("  clip_by_value: standalone and in the train step ...")
+    out["clip_by_value"] = clip_by_value(value_shapes, 2 * repeats + 1)
+    out["clip_by_value_step"] = clip_by_value_step(step_config, repeats)
+    return out
+
+
+def _mib(m: dict) -> str:
+    return f"{m.get('temp_bytes', 0) / 2**20:.2f}"
+
+
+def render(r: dict) -> list[str]:
+    lines: list[str] = []
+    for key, title in (("train_step", "Guards in the GPT train step, f32"),
+                       ("vmap", "Guards in a vmapped MLP train step"),
+                       ("shard_map", "Guards under shard_map (8 virtual CPU devices)"),
+                       ("clip_by_value_step", "clip_by_value in the GPT train step, f32")):
+        part = r.get(key)
+        if not part or "times" not in part:
+            continue
+        times = part["times"]
+        ref_name = "adam" if "adam" in times else "chain(clip, adam)"
+        ref, ref_min = times[ref_name]["median_ms"], times[ref_name]["min_ms"]
+        extra = f", {part['members']} members" if "members" in part else ""
+        lines += ["", f"#### {title}{extra}" + (f": {part['model']}" if "model" in part else ""),
+                  "", f"| contender | median ms | / {ref_name} | min / min | temp MiB "
+                  "| conditionals | kernels reading each gradient |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, t in sorted(times.items(), key=lambda kv: kv[1]["median_ms"]):
+            h = part.get("hlo", {}).get(name, {})
+            conds = part.get("conditionals", {}).get(name, h.get("conditionals", ""))
+            reads = ", ".join(f"{n}: {c}" for n, c in sorted(h.get("gradient_reads", {}).items()))
+            lines.append(f"| {name} | {t['median_ms']:.2f} | {t['median_ms'] / ref:.3f}x "
+                         f"| {t['min_ms'] / ref_min:.3f}x | {_mib(part['memory'][name])} "
+                         f"| {conds} | {reads or '-'} |")
+    v = r.get("clip_by_value")
+    if v:
+        times = v["times"]
+        ref = times["optax.clip"]["median_ms"]
+        ref_min = times["optax.clip"]["min_ms"]
+        lines += ["", f"#### clip_by_value standalone update: {v['description']}", "",
+                  "| contender | median ms | / optax.clip | min / min | kernels | reduces "
+                  "| kernels reading each gradient |", "|---|---|---|---|---|---|---|"]
+        for name, t in sorted(times.items(), key=lambda kv: kv[1]["median_ms"]):
+            k = v["kernels"][name]
+            reads = ", ".join(f"{n}: {c}" for n, c in sorted(v["readers"][name].items()))
+            lines.append(f"| {name} | {t['median_ms']:.2f} | {t['median_ms'] / ref:.3f}x "
+                         f"| {t['min_ms'] / ref_min:.3f}x | {k['kernels']} | {k['reduces']} "
+                         f"| {reads} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="guards and clip_by_value benchmark")
+    parser.add_argument("--sizes", choices=("full", "quick", "tiny"), default="full")
+    parser.add_argument("--shard-map", action="store_true", help="also run under shard_map")
+    parser.add_argument("--shard-map-child", help=argparse.SUPPRESS)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    if args.shard_map_child:
+        arguments = json.loads(args.shard_map_child)
+        config = models.MLPConfig(**arguments["config"])
+        print(json.dumps(under_shard_map(config, arguments["repeats"])))
+        return 0
+    result = run(**SIZES[args.sizes], with_shard_map=args.shard_map,
+                 log=lambda m: print(m, file=sys.stderr, flush=True))
+    result["machine"] = timing.machine()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print("\n".join(render(result)))
     return 0
+
+
+SIZES: dict[str, dict[str, Any]] = {
+    "full": {"step_config": models.GPTConfig(), "mlp_config": models.MLPConfig(),
+             "value_shapes": trees.gpt2_small_shapes(4), "repeats": 30},
+    "quick": {"step_config": models.GPTConfig(vocab=128, width=64, layers=2, heads=2,
+                                              context=32, batch=4),
+              "mlp_config": models.MLPConfig(inputs=64, hidden=256, layers=2, batch=32),
+              "value_shapes": trees.gpt2_small_shapes(16), "repeats": 7},
+    "tiny": {"step_config": models.GPTConfig(vocab=32, width=16, layers=1, heads=2, context=8,
+                                             batch=2),
+             "mlp_config": models.MLPConfig(inputs=8, hidden=16, layers=1, batch=4),
+             "value_shapes": trees.gpt2_small_shapes(64), "repeats": 2, "members": 2},
+}
 
 
 if __name__ == "__main__":
     np.seterr(all="ignore")
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main())

@@ -40,7 +40,7 @@ class StepSizes:
     )
 
 
-FULL_STEP = StepSizes("full", models.GPTConfig(), models.MLPConfig(), repeats=15)
+FULL_STEP = StepSizes("full", models.GPTConfig(), models.MLPConfig(), repeats=30)
 QUICK_STEP = StepSizes(
     "quick",
     models.GPTConfig(vocab=128, width=64, layers=2, heads=2, context=32, batch=4),
@@ -142,6 +142,39 @@ def run(sizes: StepSizes, log: Any = print, keys: tuple[str, ...] | None = None)
             del steps
             gc.collect()
     return out
+
+
+def render(results: dict) -> list[str]:
+    """Markdown: per case, every contender's step time over Adam alone, compile time,
+    XLA's temporaries, and how many kernels read each gradient (from the HLO)."""
+    lines: list[str] = []
+    for key, case in results.items():
+        if not isinstance(case, dict) or "times" not in case:
+            continue
+        times, mem = case["times"], case["memory"]
+        ref = times["adam"]["median_ms"]
+        ref_min = times["adam"]["min_ms"]
+        ref_temp = mem["adam"].get("temp_bytes", 0)
+        lines += ["", f"#### Train step {key}: {case['model']}, {case['parameters']:,} "
+                  f"parameters in {case['leaves']} leaves", "",
+                  "| contender | median ms | / adam | min / adam min | compile s "
+                  "| temp MiB | temp - adam's MiB | kernels reading each gradient "
+                  "| norm reductions |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, t in sorted(times.items(), key=lambda kv: kv[1]["median_ms"]):
+            h = case["hlo"].get(name, {})
+            reads = ", ".join(f"{n} kernels: {c}" for n, c in
+                              sorted(h.get("gradient_reads", {}).items()))
+            norms = ", ".join(f"{k}: {v}" for k, v in h.get("norm_kernels", {}).items())
+            temp = mem[name].get("temp_bytes", 0)
+            lines.append(
+                f"| {name} | {t['median_ms']:.2f} | {t['median_ms'] / ref:.3f}x "
+                f"| {t['min_ms'] / ref_min:.3f}x | {case['compile_s'][name]:.1f} "
+                f"| {temp / 2**20:.2f} | {(temp - ref_temp) / 2**20:+.2f} | {reads or '-'} "
+                f"| {norms or '-'} |")
+        if case.get("failed"):
+            lines += [""] + [f"* {k} not run: {v}" for k, v in case["failed"].items()]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
