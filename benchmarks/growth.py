@@ -169,6 +169,11 @@ def plot(results: dict, path: str) -> None:
         for who, style in (("optaxclip", "o-"), ("optax", "s--")):
             ys = [r[f"{who}_{key}"] for r in rows]
             ax.plot(xs, ys, style, label=who)
+        raised = [(int(x), p["times"][RAISED]["median_ms"] if key == "ms"
+                   else p["compile_s"][RAISED])
+                  for x, p in results[sweep].items() if RAISED in p["times"]]
+        if raised:
+            ax.plot(*zip(*raised), "^:", color="C2", label=RAISED)
         if key == "compile_s":
             predicted = [(r["x"], r["optax_predicted_compile_s"]) for r in rows
                          if r["optax_predicted_compile_s"]]
@@ -182,7 +187,8 @@ def plot(results: dict, path: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle("clip_by_global_norm standalone update: optaxclip vs optax (XLA:CPU, 2 cores)")
+    fig.suptitle("clip_by_global_norm standalone update: optaxclip vs optax "
+                 "(XLA:CPU, 2 shared cores)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -161,6 +161,7 @@ def clip_by_value(shapes: trees.Shapes, repeats: int) -> dict:
         "optaxclip.clip_by_value": optaxclip.clip_by_value(1e-3),
         "optax.clip": optax.clip(1e-3),
         "clamp without stats": designs.clip_by_value_nostats(1e-3),
+        "clamp + one max reduction": designs.clip_by_value_one_reduction(1e-3),
     }
     contenders = {name: suites._Clip(tx, source, refresh=True) for name, tx in txs.items()}
     readers = {name: hlo.parameter_readers(c.compiled.as_text()) for name, c in contenders.items()}
@@ -183,6 +184,8 @@ def clip_by_value_step(config: models.GPTConfig, repeats: int, delta: float = 1e
         "chain(optax.clip, adam)": lambda: optax.chain(optax.clip(delta), optax.adam(1e-3)),
         "chain(clamp without stats, adam)":
             lambda: optax.chain(designs.clip_by_value_nostats(delta), optax.adam(1e-3)),
+        "chain(clamp + one max reduction, adam)":
+            lambda: optax.chain(designs.clip_by_value_one_reduction(delta), optax.adam(1e-3)),
     }
     steps = {name: train_step._Step(problem, make(), False) for name, make in txs.items()}
     out = {"model": problem.label, "times": _timed(steps, repeats),

@@ -40,7 +40,7 @@ class StepSizes:
     )
 
 
-FULL_STEP = StepSizes("full", models.GPTConfig(), models.MLPConfig(), repeats=30)
+FULL_STEP = StepSizes("full", models.GPTConfig(), models.MLPConfig(), repeats=60)
 QUICK_STEP = StepSizes(
     "quick",
     models.GPTConfig(vocab=128, width=64, layers=2, heads=2, context=32, batch=4),
