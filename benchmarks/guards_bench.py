@@ -48,9 +48,11 @@ def _timed(steps: dict[str, Any], repeats: int) -> dict:
     return {k: timing.summary(v) for k, v in samples.items()}
 
 
-def in_train_step(config: models.GPTConfig, repeats: int, dtype: Any = jnp.float32) -> dict:
-    """The guards in the GPT train step: time, XLA's memory plan, HLO reading."""
-    problem = models.gpt_problem(config, dtype)
+def in_train_step(config: models.GPTConfig | models.MLPConfig, repeats: int,
+                  dtype: Any = jnp.float32) -> dict:
+    """The guards in the GPT (or MLP) train step: time, XLA's memory plan, HLO reading."""
+    problem = (models.gpt_problem(config, dtype) if isinstance(config, models.GPTConfig)
+               else models.mlp_problem(config, dtype))
     steps = {name: train_step._Step(problem, make(), False)
              for name, make in guard_transforms(with_spike=True).items()}
     out = {"model": problem.label, "times": _timed(steps, repeats),
@@ -202,6 +204,8 @@ def run(step_config: models.GPTConfig, mlp_config: models.MLPConfig, value_shape
     out: dict[str, Any] = {}
     log("  guards in the GPT train step (f32) ...")
     out["train_step"] = in_train_step(step_config, repeats)
+    log("  guards in the MLP train step (f32) ...")
+    out["train_step_mlp"] = in_train_step(mlp_config, repeats)
     log("  guards in a vmapped MLP train step ...")
     out["vmap"] = under_vmap(mlp_config, members, repeats)
     if with_shard_map:
@@ -220,6 +224,7 @@ def _mib(m: dict) -> str:
 def render(r: dict) -> list[str]:
     lines: list[str] = []
     for key, title in (("train_step", "Guards in the GPT train step, f32"),
+                       ("train_step_mlp", "Guards in the MLP train step, f32"),
                        ("vmap", "Guards in a vmapped MLP train step"),
                        ("shard_map", "Guards under shard_map (8 virtual CPU devices)"),
                        ("clip_by_value_step", "clip_by_value in the GPT train step, f32")):
