@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -248,3 +248,106 @@ def check_designs(tree: Any, max_norm: float = 1.0) -> dict[str, float]:
                              out, outputs["library"])
         worst[name] = float(max(jax.tree.leaves(diffs)))
     return worst
+
+
+# --- Guard designs: select over the inner state vs lax.cond -------------------------
+
+
+class GuardState(NamedTuple):
+    """State of the guard prototypes: the inner state and what the guard did."""
+
+    inner_state: Any
+    skipped: Array
+    num_skipped: Array
+    norm: Array
+
+
+def _guard_init(inner: optax.GradientTransformation) -> Callable[[Any], GuardState]:
+    def init_fn(params: Any) -> GuardState:
+        return GuardState(inner.init(params), jnp.zeros([], bool), jnp.zeros([], jnp.int32),
+                          jnp.zeros([], jnp.float32))
+
+    return init_fn
+
+
+def _float_zeros(tree: Any) -> Any:
+    return jax.tree.map(lambda u: jnp.zeros_like(u) if _norms.is_float_leaf(u) else u, tree)
+
+
+def skip_nonfinite_select(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """The select form (as ``optaxclip.skip_nonfinite`` is built): the inner update always
+    runs, then ``where(skip, old, new)`` over the updates and the whole inner state."""
+
+    def update_fn(updates: Any, state: GuardState, params: Any = None) -> tuple[Any, GuardState]:
+        norm = _norms.global_norm(updates).astype(jnp.float32)
+        skip = ~jnp.isfinite(norm)
+        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+        pick = lambda old, new: jax.tree.map(lambda o, n: jnp.where(skip, o, n), old, new)
+        return pick(_float_zeros(new_updates), new_updates), GuardState(
+            pick(state.inner_state, new_inner), skip,
+            state.num_skipped + skip.astype(jnp.int32), norm)
+
+    return optax.GradientTransformation(_guard_init(inner), update_fn)
+
+
+def skip_nonfinite_cond(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """The ``lax.cond`` form: the skip branch returns zeros and the old state, the apply
+    branch runs the inner update. Under ``jax.vmap`` with a batched predicate the cond
+    becomes a select of both branches (the select form again)."""
+
+    def update_fn(updates: Any, state: GuardState, params: Any = None) -> tuple[Any, GuardState]:
+        norm = _norms.global_norm(updates).astype(jnp.float32)
+        skip = ~jnp.isfinite(norm)
+
+        def skipped(updates: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
+            shapes = jax.eval_shape(inner.update, updates, inner_state, params)[0]
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            return zeros, inner_state
+
+        def applied(updates: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
+            return inner.update(updates, inner_state, params)
+
+        new_updates, new_inner = lax.cond(skip, skipped, applied, updates,
+                                          state.inner_state, params)
+        return new_updates, GuardState(new_inner, skip,
+                                       state.num_skipped + skip.astype(jnp.int32), norm)
+
+    return optax.GradientTransformation(_guard_init(inner), update_fn)
+
+
+# --- clip_by_value: its max-norm statistic, optional ---------------------------------
+
+
+def clip_by_value_nostats(max_delta: float) -> optax.GradientTransformation:
+    """``optaxclip.clip_by_value``'s clamp (threshold rounded down to each leaf's dtype,
+    input bits kept where not clipped) without the max-reduction that fills its stats."""
+    threshold = jnp.float32(max_delta)
+
+    def clamp(g: Any) -> Any:
+        if not _norms.is_float_leaf(g) or jnp.iscomplexobj(g):
+            return g
+        limit = threshold.astype(g.dtype)
+        limit = jnp.where(limit.astype(jnp.float32) > threshold,
+                          jnp.nextafter(limit, jnp.zeros_like(limit)), limit)
+        inside = (jnp.abs(g) <= limit) & (limit > 0)
+        return jnp.where(inside, g, jnp.clip(g, -limit, limit))
+
+    return optax.stateless(lambda updates, params: jax.tree.map(clamp, updates))
+
+
+def clip_by_value_one_reduction(max_delta: float) -> optax.GradientTransformation:
+    """The same clamp with one statistic reduction: ``max|g|`` per leaf (NaN-propagating),
+    ``clipped = max|g| > limit``. It gives up the library's "clipped ignores NaN entries"
+    (a NaN makes the max NaN) in exchange for one reduction over ``|g|`` instead of two."""
+    threshold = jnp.float32(max_delta)
+    clamp = clip_by_value_nostats(max_delta)
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        out, _ = clamp.update(updates, optax.EmptyState())
+        floats = [g for g in jax.tree.leaves(updates) if _norms.is_float_leaf(g)]
+        norm = jnp.max(jnp.stack([jnp.max(jnp.abs(g)).astype(jnp.float32) for g in floats]))
+        return out, (norm, norm > threshold)
+
+    return optax.GradientTransformation(
+        lambda params: (jnp.zeros([], jnp.float32), jnp.zeros([], bool)), update_fn)

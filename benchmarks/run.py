@@ -2,9 +2,18 @@
 
 Usage::
 
-    python -m benchmarks.run            # full sizes: GPT-2 small (124M f32) and 2000 x 64x64
-    python -m benchmarks.run --quick    # GPT-2 shapes / 8 and 200 x 64x64, fewer repeats
-    python -m benchmarks.run --out results.md
+    python -m benchmarks.run            # everything at full sizes (about 40 min, 2 cores)
+    python -m benchmarks.run --quick    # small sizes, fewer repeats
+    python -m benchmarks.run --only train_step --only growth --out results.md
+
+Sections (``--only`` picks some; default all): ``standalone`` (standalone clip,
+Adam step on given gradients, compile time, stats, memory; GPT-2 small and
+2000 x 64x64), ``train_step`` (the full jitted train step of a GPT-style
+transformer and an MLP, f32 and bf16, every registered clipper and guard),
+``bf16`` (standalone bf16 clip on GPT-2-small shapes), ``growth`` (step and
+compile time against leaf count and size, with ``benchmarks/growth.png``) and
+``guards`` (select against ``lax.cond`` guards, under vmap too, and
+``clip_by_value``'s statistic).
 
 All contenders of one table run in one process, interleaved round-robin, so the
 ratios are what to read; absolute times move with the machine's load.
@@ -19,8 +28,10 @@ import sys
 import time
 from typing import Any
 
-from benchmarks import suites, timing, trees
+from benchmarks import bf16, growth, guards_bench, suites, timing, train_step, trees
 from benchmarks.suites import FULL, QUICK, Sizes
+
+SECTIONS = ("standalone", "train_step", "bf16", "growth", "guards")
 
 Target = dict[str, Any]
 
@@ -160,19 +171,62 @@ def _time_table(title: str, table: dict, reference: str, hlo: dict) -> list[str]
     return lines
 
 
+def run_sections(sections: tuple[str, ...], quick: bool, with_designs: bool,
+                 plot_path: str | None, log: Any = print) -> tuple[dict, str]:
+    """Runs the chosen sections; returns all numbers and the Markdown report."""
+    results: dict[str, Any] = {}
+    parts: list[str] = []
+    if "standalone" in sections:
+        log("standalone clip, Adam step on given gradients ...")
+        results["standalone"] = run_all(QUICK if quick else FULL,
+                                        with_designs=with_designs and not quick,
+                                        with_adaptive=not quick, log=log)
+        parts.append(render(results["standalone"]))
+    if "train_step" in sections:
+        log("full train step ...")
+        results["train_step"] = train_step.run(
+            train_step.QUICK_STEP if quick else train_step.FULL_STEP, log=log)
+        parts.append("\n".join(["### Full train step (jitted, donated)"]
+                               + train_step.render(results["train_step"])))
+    if "bf16" in sections:
+        log("bf16 standalone clip ...")
+        results["bf16"] = bf16.run(8 if quick else 1, 7 if quick else 21, log=log)
+        parts.append("\n".join(["### bf16"] + bf16.render(results["bf16"])))
+    if "growth" in sections:
+        log("growth ...")
+        results["growth"] = growth.run(growth.QUICK_GROWTH if quick else growth.FULL_GROWTH,
+                                       log=log)
+        if plot_path:
+            try:
+                growth.plot(results["growth"], plot_path)
+            except ImportError:
+                log("matplotlib is not installed: no plot")
+        parts.append("\n".join(["### Growth"] + growth.render(results["growth"])))
+    if "guards" in sections:
+        log("guards and clip_by_value ...")
+        results["guards"] = guards_bench.run(**guards_bench.SIZES["quick" if quick else "full"],
+                                             log=log)
+        parts.append("\n".join(["### Guards and clip_by_value"]
+                               + guards_bench.render(results["guards"])))
+    results["machine"] = timing.machine()
+    return results, "\n\n".join(parts) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small trees, few repeats")
+    parser.add_argument("--only", action="append", choices=SECTIONS,
+                        help="run only this section (repeatable); default: all")
     parser.add_argument("--out", help="also write the Markdown report to this file")
     parser.add_argument("--json", help="also write every number as JSON to this file")
+    parser.add_argument("--plot", default="benchmarks/growth.png",
+                        help="where the growth plot goes ('' for none)")
     parser.add_argument("--no-designs", action="store_true",
                         help="skip the alternative designs (--quick always skips them)")
     args = parser.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
-    results = run_all(sizes, with_designs=not (args.quick or args.no_designs),
-                      with_adaptive=not args.quick,
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
-    report = render(results)
+    results, report = run_sections(
+        tuple(args.only) if args.only else SECTIONS, args.quick, not args.no_designs,
+        args.plot or None, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(report)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,0 +1,108 @@
+"""bfloat16 gradients: the standalone ``clip_by_global_norm`` update on GPT-2-small shapes.
+
+optaxclip accumulates the norm of bf16 leaves in float32 and rounds the scaled
+values toward zero (so the bound holds in bf16); ``optax.clip_by_global_norm``
+squares and sums in the leaves' own dtype. Both run jitted and donated, with a
+fresh bf16 copy of the gradients before every timed call (every call clips),
+interleaved with the floor (one read pass accumulating in float32, and that
+read plus the minimal scale pass). The norms each reports are compared with a
+float64 reference computed from the same bf16 values.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optaxclip
+from benchmarks import hlo, suites, timing, trees
+
+
+def _floor_read(grads: Any) -> jax.Array:
+    return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
+
+
+def _floor_read_write(grads: Any, max_norm: float) -> Any:
+    scale = jnp.minimum(1.0, max_norm / jnp.sqrt(_floor_read(grads)))
+    return jax.tree.map(lambda g: (g.astype(jnp.float32) * scale).astype(g.dtype), grads)
+
+
+def run(shrink: int = 1, repeats: int = 21, max_norm: float = 1.0, log: Any = print) -> dict:
+    shapes = trees.gpt2_small_shapes(shrink)
+    values = {k: v.astype(jnp.bfloat16) for k, v in trees.make_tree(shapes).items()}
+    source = jax.tree.map(jnp.asarray, values)
+    log(f"  bf16 standalone: {len(shapes)} leaves, {trees.entries(shapes):,} bf16 entries")
+    txs = {
+        "optaxclip": optaxclip.clip_by_global_norm(max_norm),
+        "optax": optax.clip_by_global_norm(max_norm),
+        "floor_read_write": optax.stateless(lambda g, p: _floor_read_write(g, max_norm)),
+    }
+    contenders: dict[str, Any] = {n: suites._Clip(tx, source, refresh=True)
+                                  for n, tx in txs.items()}
+    floor_read = jax.jit(_floor_read).lower(source).compile()
+    contenders["floor_read"] = lambda: floor_read(source).block_until_ready()
+    kernels = {n: timing.hlo_counts(c.compiled) for n, c in contenders.items()
+               if isinstance(c, suites._Clip)}
+    readers = {n: hlo.parameter_readers(c.compiled.as_text(), prefix="")
+               for n, c in contenders.items() if isinstance(c, suites._Clip)}
+    samples = timing.interleaved(contenders, repeats)
+    del contenders
+    gc.collect()
+    reference = float(np.sqrt(sum(np.sum(np.square(np.asarray(v, np.float64)))
+                                  for v in values.values())))
+    state = optaxclip.clip_by_global_norm(max_norm).init(source)
+    _, state = jax.jit(optaxclip.clip_by_global_norm(max_norm).update)(source, state)
+    norms = {"float64 reference": reference,
+             "optaxclip": float(optaxclip.stats(state)["clip_by_global_norm/norm"]),
+             "optax": float(jax.jit(optax.global_norm)(source))}
+    return {"description": f"{len(shapes)} leaves, {trees.entries(shapes):,} bf16 entries "
+                           f"({trees.entries(shapes) * 2 / 2**20:,.1f} MiB)",
+            "shrink": shrink, "times": {k: timing.summary(v) for k, v in samples.items()},
+            "kernels": kernels, "readers": readers, "norms": norms}
+
+
+def render(result: dict) -> list[str]:
+    times = result["times"]
+    ref = times["optax"]["median_ms"]
+    lines = ["", f"#### bf16 standalone clip_by_global_norm, GPT-2 small shapes"
+                 f"{'' if result['shrink'] == 1 else ' / ' + str(result['shrink'])}: "
+                 f"{result['description']}", "",
+             "| contender | median ms | q1-q3 ms | min ms | / optax | kernels | reduces |",
+             "|---|---|---|---|---|---|---|"]
+    for name, t in sorted(times.items(), key=lambda kv: kv[1]["median_ms"]):
+        k = result["kernels"].get(name, {})
+        lines.append(f"| {name} | {t['median_ms']:.2f} | {t['q1_ms']:.2f}-{t['q3_ms']:.2f} "
+                     f"| {t['min_ms']:.2f} | {t['median_ms'] / ref:.3f}x "
+                     f"| {k.get('kernels', '')} | {k.get('reduces', '')} |")
+    norms = result["norms"]
+    exact = norms["float64 reference"]
+    lines += ["", "| norm of the bf16 gradients | value | relative error |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.6g} | {abs(v - exact) / exact:.2e} |" for k, v in norms.items()]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="bf16 standalone clip benchmark")
+    parser.add_argument("--shrink", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args(argv)
+    result = run(args.shrink, args.repeats, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result["machine"] = timing.machine()
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    print("\n".join(render(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
