@@ -11,9 +11,10 @@ Adam step on given gradients, compile time, stats, memory; GPT-2 small and
 2000 x 64x64), ``train_step`` (the full jitted train step of a GPT-style
 transformer and an MLP, f32 and bf16, every registered clipper and guard),
 ``bf16`` (standalone bf16 clip on GPT-2-small shapes), ``growth`` (step and
-compile time against leaf count and size, with ``benchmarks/growth.png``) and
+compile time against leaf count and size, with ``benchmarks/growth.png``),
 ``guards`` (select against ``lax.cond`` guards, under vmap too, and
-``clip_by_value``'s statistic).
+``clip_by_value``'s statistic) and ``per_example`` (``clip_per_example`` next to
+optax's per-example functions; see ``benchmarks/PER_EXAMPLE.md``).
 
 All contenders of one table run in one process, interleaved round-robin, so the
 ratios are what to read; absolute times move with the machine's load.
@@ -28,10 +29,19 @@ import sys
 import time
 from typing import Any
 
-from benchmarks import bf16, growth, guards_bench, suites, timing, train_step, trees
+from benchmarks import (
+    bf16,
+    growth,
+    guards_bench,
+    per_example,
+    suites,
+    timing,
+    train_step,
+    trees,
+)
 from benchmarks.suites import FULL, QUICK, Sizes
 
-SECTIONS = ("standalone", "train_step", "bf16", "growth", "guards")
+SECTIONS = ("standalone", "train_step", "bf16", "growth", "guards", "per_example")
 
 Target = dict[str, Any]
 
@@ -208,6 +218,12 @@ def run_sections(sections: tuple[str, ...], quick: bool, with_designs: bool,
                                              log=log)
         parts.append("\n".join(["### Guards and clip_by_value"]
                                + guards_bench.render(results["guards"])))
+    if "per_example" in sections:
+        log("per-example clipping ...")
+        results["per_example"] = per_example.run(
+            per_example.QUICK if quick else per_example.CASES, 5 if quick else 15)
+        parts.append("\n".join(["### Per-example clipping", per_example.render(
+            results["per_example"])]))
     results["machine"] = timing.machine()
     return results, "\n\n".join(parts) + "\n"
 

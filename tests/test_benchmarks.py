@@ -86,3 +86,16 @@ def test_targets_are_ratios_of_the_measured_medians(tiny_results):
         compile_s["optaxclip+adam"] / compile_s["optax+adam"])
     report = run.render(r)
     assert "| standalone / optax" in report and ("PASS" in report or "MISS" in report)
+
+
+def test_per_example_benchmark_runs_and_agrees_with_optax():
+    from benchmarks import per_example
+
+    cases = {"tiny": ({"w": (6, 4), "b": (4,)}, 4)}
+    results = per_example.run(cases, repeats=1)
+    case = results["cases"]["tiny"]
+    assert case["max_rel_diff_vs_optax"] < 1e-5  # the clipped sums agree with optax's
+    timings = case["timings"]
+    assert {"optaxclip.clip_per_example", "optax.per_example_global_norm_clip"} <= set(timings)
+    assert all(t["median_ms"] > 0 for t in timings.values())
+    assert "| optaxclip.clip_per_example" in per_example.render(results)
