@@ -145,9 +145,12 @@ def _trusted(power_sum: Array) -> Array:
 def _scaled_norm(max_magnitude: Array, scaled_power_sum: Array, p: float) -> Array:
     """Combines ``M * (sum (|x|/M)^p)^(1/p)``; NaN stays NaN, inf stays inf, 0 stays 0."""
     finite_positive = (max_magnitude > 0) & (max_magnitude < math.inf)
-    return jnp.where(
+    # A NaN entry shows in the sum, not always in the maximum: XLA's max across devices
+    # drops NaN. (At an inf maximum the sum can be NaN from complex inf / 1: keep inf.)
+    dropped_nan = jnp.isnan(scaled_power_sum) & (max_magnitude < math.inf)
+    return jnp.where(dropped_nan, scaled_power_sum, jnp.where(
         finite_positive, max_magnitude * _root(scaled_power_sum, p), max_magnitude
-    )
+    ))
 
 
 def _safe_divisor(max_magnitude: Array) -> Array:
