@@ -228,12 +228,15 @@ def _verify_clipper(spec: ClipSpec, g: Any, u: Any, record: ClipStats, rtol: flo
             f"threshold {{threshold}} * (1 + rtol): the clipper did not clip.",
             after=measured_out, threshold=threshold,
         )
-        close = jnp.abs(actual - recorded) <= 1e-4 * jnp.maximum(jnp.abs(actual), 1e-30)
+        recorded = jnp.asarray(recorded).astype(actual.dtype)
+        close = (actual == recorded) | (
+            jnp.abs(actual - recorded) <= 1e-4 * jnp.maximum(jnp.abs(actual), 1e-30)
+        )
         checkify.check(
             ~finite_in | jnp.all(close),
             f"optaxclip.checked: {spec.name} recorded pre-clip norm {{recorded}} at {where}, "
             f"but the input's norm there is {{actual}}.",
-            recorded=jnp.asarray(recorded), actual=actual,
+            recorded=recorded, actual=actual,
         )
     if record.scale is not None:
         _check_scale_applied(spec, finite_in, g, u, record.scale, rtol)

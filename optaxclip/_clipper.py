@@ -65,8 +65,9 @@ class ThresholdRule:
       initial: ``(norm, params) -> threshold`` recorded by ``init``, before any
         update; by default ``threshold`` is called with zero norms. Rules whose
         threshold needs collectives (``axis_name``) or real parameters supply it.
-      uses_updates: ``threshold`` also receives the gradients, as a fourth
-        argument (AdaGC needs them when a norm overflows float32).
+      uses_parts: ``threshold`` also receives the norms' ``(root, multiplier)``
+        parts as a fourth argument (``norm = root * multiplier``, both finite for
+        finite gradients even where the norm overflows); AdaGC uses them.
     """
 
     threshold: ThresholdFn
@@ -74,7 +75,7 @@ class ThresholdRule:
     fields: tuple[str, ...] = ()
     needs_params: bool = False
     initial: Callable[[Any, Any], Any] | None = None
-    uses_updates: bool = False
+    uses_parts: bool = False
 
 
 def fixed_threshold(value: _scaling.Threshold, name: str = "threshold") -> ThresholdRule:
@@ -155,9 +156,9 @@ def make_clipper(
         )
         if rule.initial is not None:
             threshold = rule.initial(norm, params)
-        elif rule.uses_updates:
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            threshold, _ = rule.threshold(norm, placeholder, params, zeros)
+        elif rule.uses_parts:
+            zero_parts = [(n, jnp.ones_like(n)) for n in jax.tree.leaves(norm)]
+            threshold, _ = rule.threshold(norm, placeholder, params, zero_parts)
         else:
             threshold, _ = rule.threshold(norm, placeholder, params)
         state = placeholder._replace(stats=_initial_stats(spec, norm, threshold))
@@ -173,13 +174,13 @@ def make_clipper(
             )
         # Restored checkpoints hold numpy arrays; everything below wants jax arrays.
         state = jax.tree.map(jnp.asarray, state)
-        norm = measure(spec, updates)
-        if rule.uses_updates:
-            threshold, fields = rule.threshold(norm, state, params, updates)
+        norm, parts = measure_parts(spec, updates)
+        if rule.uses_parts:
+            threshold, fields = rule.threshold(norm, state, params, parts)
         else:
             threshold, fields = rule.threshold(norm, state, params)
         _check_fields(spec, rule, fields)
-        out, record = _clip(spec, updates, norm, threshold)
+        out, record = _clip(spec, updates, norm, parts, threshold)
         new_state = state._replace(
             count=optax.safe_increment(state.count), stats=record, **fields
         )
@@ -269,33 +270,47 @@ def _root_count(count: int, axis_name: Any) -> Array:
 
 def measure(spec: ClipSpec, updates: Any) -> Any:
     """The norm(s) ``spec`` clips by: a scalar, or a tree of per-leaf/unit arrays."""
+    return measure_parts(spec, updates)[0]
+
+
+def measure_parts(spec: ClipSpec, updates: Any) -> tuple[Any, Any]:
+    """``(norm, parts)``: the norm(s) and their ``(root, multiplier)`` parts.
+
+    ``norm = root * multiplier``; both parts are finite for finite gradients even
+    where the norm overflows the accumulation dtype (see ``_norms._norm``). For
+    the global and element scopes ``parts`` is one pair; for per-leaf scopes a
+    list aligned with the tree's leaves (None for leaves that are not floats).
+    """
     if spec.scope == "element":
-        return _norms.global_norm(updates, math.inf, axis_name=spec.axis_name)
+        return _norms.global_norm(updates, math.inf, axis_name=spec.axis_name), None
     if spec.scope == "global":
-        norm = _norms.global_norm(updates, spec.ord, axis_name=spec.axis_name)
+        leaves = _norms._float_leaves(updates)
+        root, multiplier = _norms.global_norm_parts(leaves, spec.ord, spec.axis_name)
         if spec.rms:
-            count = sum(jnp.size(x) for x in jax.tree.leaves(updates) if is_float_leaf(x))
-            norm = norm / _root_count(count, spec.axis_name).astype(norm.dtype)
-        return norm
+            count = sum(x.size for x in leaves)
+            root = root / _root_count(count, spec.axis_name).astype(root.dtype)
+        return _norms._norm(root, multiplier), (root, multiplier)
     leaves, treedef = jax.tree.flatten(updates)
     positions = _float_positions(leaves)
     arrays = [jnp.asarray(leaves[i]) for i in positions]
     axes = [reduced_axes(spec, tuple(x.shape)) for x in arrays]
-    norms = _norms.unit_norms(arrays, spec.ord, axes=axes, axis_name=spec.axis_name)
+    found = _norms.unit_norm_parts(arrays, spec.ord, axes, spec.axis_name)
     out: list[Any] = [jnp.zeros([], jnp.float32) for _ in leaves]
-    for i, x, a, n in zip(positions, arrays, axes, norms):
+    parts: list[Any] = [None for _ in leaves]
+    for i, x, a, (root, multiplier) in zip(positions, arrays, axes, found):
         if spec.rms:
             count = math.prod(x.shape[d] for d in a) if a is not None else x.size
-            n = n / _root_count(count, spec.axis_name).astype(n.dtype)
-        out[i] = n
-    return treedef.unflatten(out)
+            root = root / _root_count(count, spec.axis_name).astype(root.dtype)
+        out[i], parts[i] = _norms._norm(root, multiplier), (root, multiplier)
+    return treedef.unflatten(out), parts
 
 
-def _clip(spec: ClipSpec, updates: Any, norm: Any, threshold: Any) -> tuple[Any, ClipStats]:
+def _clip(spec: ClipSpec, updates: Any, norm: Any, parts: Any,
+          threshold: Any) -> tuple[Any, ClipStats]:
     if spec.scope == "element":
         return _clip_entries(spec, updates, norm, threshold)
     if spec.scope == "global":
-        scale = _scales(spec, updates, [norm], [threshold])[0]
+        scale = _scale(spec, norm, parts, threshold)
         out = jax.tree.map(lambda g: _scaling.apply_scale(g, scale), updates)
         return out, ClipStats(norm=norm, threshold=threshold, scale=scale)
     leaves, treedef = jax.tree.flatten(updates)
@@ -303,13 +318,10 @@ def _clip(spec: ClipSpec, updates: Any, norm: Any, threshold: Any) -> tuple[Any,
     # One scalar threshold serves every leaf; otherwise it is shaped like ``norm``.
     shared = hasattr(threshold, "dtype") and jnp.ndim(threshold) == 0
     limits = [threshold] * len(leaves) if shared else treedef.flatten_up_to(threshold)
-    positions = _float_positions(leaves)
     scales = [jnp.ones_like(n) for n in norm_leaves]
-    found = _scales(spec, [leaves[i] for i in positions], [norm_leaves[i] for i in positions],
-                    [limits[i] for i in positions])
     out = list(leaves)
-    for i, s in zip(positions, found):
-        scales[i] = s
+    for i in _float_positions(leaves):
+        scales[i] = s = _scale(spec, norm_leaves[i], parts[i], limits[i])
         axes = reduced_axes(spec, tuple(jnp.shape(leaves[i])))
         out[i] = _scaling.apply_scale(leaves[i], s if axes is None else jnp.expand_dims(s, axes))
     return treedef.unflatten(out), ClipStats(
@@ -317,80 +329,31 @@ def _clip(spec: ClipSpec, updates: Any, norm: Any, threshold: Any) -> tuple[Any,
     )
 
 
-def _scales(spec: ClipSpec, xs: Any, norms: list[Array], thresholds: list[Any]) -> list[Array]:
-    """The scale of each norm; ``xs`` is the whole tree (global) or one array per norm.
+def _scale(spec: ClipSpec, norm: Array, parts: tuple[Array, Array], threshold: Any) -> Array:
+    """``min(1, threshold / (norm + eps))`` with the library's edge cases.
 
     A norm of finite gradients can exceed the accumulation dtype's range (float32
-    entries near 3.4e38): it is recorded as ``inf``, and its scale is then
-    computed from the norm's scaled parts, so finite input still gives finite
-    output inside the ball. That branch runs only when a norm is ``inf``.
+    entries near 3.4e38): it is recorded as ``inf``, and its scale is computed
+    from the norm's parts, ``threshold / multiplier / root``, so finite input
+    still gives finite output inside the ball. No extra pass is needed.
     """
-    strict = spec.strict_nonfinite
-    regular = [
-        _scaling.scale_factor(n, jnp.asarray(t), spec.eps, strict_nonfinite=strict)[0]
-        for n, t in zip(norms, thresholds)
-    ]
-    if spec.ord == math.inf or not norms:
-        return regular  # a max never overflows before its largest entry does
-
-    def rescued() -> list[Array]:
-        parts = norm_parts(spec, xs)
-        out = []
-        for (largest, root), n, t, s in zip(parts, norms, thresholds, regular):
-            t = jnp.asarray(t).astype(jnp.promote_types(jnp.asarray(t).dtype, largest.dtype))
-            ratio = (t / _norms._safe_divisor(largest)) / jnp.where(root > 0, root, 1)
-            exact = jnp.where(t == math.inf, 1, jnp.minimum(ratio, 1))
-            exact = jnp.where(jnp.isnan(t), jnp.nan, exact).astype(s.dtype)
-            overflowed = jnp.isposinf(n) & jnp.isfinite(largest)
-            out.append(jnp.where(overflowed, exact, s))
-        return out
-
-    overflow = jnp.any(jnp.stack([jnp.any(jnp.isposinf(n)) for n in norms]))
-    return lax.cond(overflow, rescued, lambda: regular)
-
-
-def norm_parts(spec: ClipSpec, xs: Any) -> list[tuple[Array, Array]]:
-    """``(largest magnitude, root)`` per norm of ``spec``, with ``norm = largest * root``.
-
-    ``root`` is the norm of the entries divided by the largest one (RMS-adjusted
-    when ``spec.rms``), so both parts are finite whenever the entries are, even
-    when their product overflows. ``xs`` is the whole tree (global scope) or one
-    array per norm (leaf and unit scopes).
-    """
-    p, axis_name = spec.ord, spec.axis_name
-    if spec.scope == "global":
-        leaves = [jnp.asarray(x) for x in jax.tree.leaves(xs) if is_float_leaf(x)]
-        acc = _norms._widest(leaves)
-        if not leaves:
-            return [(jnp.zeros([], acc), jnp.zeros([], acc))]
-        largest = jnp.max(jnp.stack([_norms._max_magnitude(x).astype(acc) for x in leaves]))
-        largest = lax.pmax(largest, axis_name) if axis_name is not None else largest
-        divisor = _norms._safe_divisor(largest)
-        total = sum(_norms._power_sum(_norms._divided(x, divisor, acc), p) for x in leaves)
-        total = lax.psum(total, axis_name) if axis_name is not None else total
-        root = _norms._root(total, p)
-        if spec.rms:
-            count = sum(x.size for x in leaves)
-            root = root / _root_count(count, axis_name).astype(root.dtype)
-        return [(largest, root)]
-    out = []
-    for x in xs:
-        x = jnp.asarray(x)
-        axes = reduced_axes(spec, tuple(x.shape))
-        acc = _norms.accumulation_dtype(x.dtype)
-        largest = _norms._max_magnitude(x, axes)
-        largest = lax.pmax(largest, axis_name) if axis_name is not None else largest
-        divisor = _norms._safe_divisor(largest)
-        if axes is not None:
-            divisor = jnp.expand_dims(divisor, axes)
-        total = _norms._power_sum(_norms._divided(x, divisor, acc), p, axes)
-        total = lax.psum(total, axis_name) if axis_name is not None else total
-        root = _norms._root(total, p)
-        if spec.rms:
-            count = math.prod(x.shape[a] for a in axes) if axes is not None else x.size
-            root = root / _root_count(count, axis_name).astype(root.dtype)
-        out.append((largest, root))
-    return out
+    threshold = jnp.asarray(threshold)
+    scale, _ = _scaling.scale_factor(
+        norm, threshold, spec.eps, strict_nonfinite=spec.strict_nonfinite
+    )
+    if spec.ord == math.inf:
+        return scale  # a max never overflows before its largest entry does
+    root, multiplier = parts
+    wide = jnp.promote_types(threshold.dtype, root.dtype)
+    t, root, multiplier = threshold.astype(wide), root.astype(wide), multiplier.astype(wide)
+    overflowed = jnp.isposinf(norm) & jnp.isfinite(root) & jnp.isfinite(multiplier) & (
+        root > 0
+    )
+    exact = jnp.minimum((t / jnp.where(overflowed, multiplier, 1)) / jnp.where(
+        overflowed, root, 1
+    ), 1)
+    exact = jnp.where(t == math.inf, 1, jnp.where(jnp.isnan(t), jnp.nan, exact))
+    return jnp.where(overflowed, exact.astype(scale.dtype), scale)
 
 
 def _clip_entries(spec: ClipSpec, updates: Any, norm: Array, threshold: Array):
@@ -403,9 +366,11 @@ def _clip_entries(spec: ClipSpec, updates: Any, norm: Array, threshold: Array):
         g = jnp.asarray(g)
         if jnp.iscomplexobj(g):
             modulus = _norms._magnitude(g, _norms.accumulation_dtype(g.dtype))
-            over = modulus > threshold
-            changed.append(jnp.any(over))
+            over = ~(modulus <= threshold)
+            changed.append(jnp.any(over & ~jnp.isnan(modulus)))
             factor = jnp.where(over, threshold / jnp.where(over, modulus, 1), 1)
+            # Threshold 0 zeroes every entry, subnormal ones (modulus 0) too.
+            factor = jnp.where(threshold == 0, 0, factor)
             return _scaling.apply_scale(g, factor)
         limit = round_down(threshold, g.dtype)
         # Written as "not inside" so that a NaN limit (a broken schedule) clips
@@ -414,9 +379,10 @@ def _clip_entries(spec: ClipSpec, updates: Any, norm: Array, threshold: Array):
         outside = ~(jnp.abs(g) <= limit) | (limit == 0)
         changed.append(jnp.any(outside & ~jnp.isnan(g)))
         # The selects hand back the input's own bits where nothing is clipped, and
-        # exact zeros at limit 0: XLA on CPU flushes subnormals in min/max, which
-        # would leave a subnormal entry in place.
-        clipped = jnp.where(limit == 0, jnp.zeros_like(g), jnp.clip(g, -limit, limit))
+        # signed zeros at limit 0 (NaN stays NaN, as torch's clamp gives): XLA on
+        # CPU flushes subnormals in min/max, which would leave a subnormal in place.
+        zero = jnp.where(jnp.isnan(g), g, jnp.copysign(jnp.zeros_like(g), g))
+        clipped = jnp.where(limit == 0, zero, jnp.clip(g, -limit, limit))
         return jnp.where(outside, clipped, g)
 
     out = jax.tree.map(clip_leaf, updates)

@@ -37,7 +37,10 @@ from optaxclip._validate import AxisName, validate_axis_name, validate_ord
 
 Array = jax.Array
 
-__all__ = ["global_norm", "leaf_norms", "unit_norms", "is_float_leaf"]
+__all__ = [
+    "batched_global_norm", "global_norm", "global_norm_parts", "leaf_norms", "unit_norm_parts",
+    "unit_norms", "is_float_leaf",
+]
 
 
 def is_float_leaf(x: Any) -> bool:
@@ -117,6 +120,14 @@ def _divided(x: Array, divisor: Array, acc: Any) -> Array:
     return x.astype(acc) / divisor
 
 
+def _multiplied(x: Array, factor: Array, acc: Any) -> Array:
+    """``x * factor`` in ``acc`` precision, keeping the imaginary part of complex ``x``."""
+    if jnp.iscomplexobj(x):
+        # Part by part: a complex product would turn inf * factor into inf + NaN j.
+        return lax.complex(jnp.real(x).astype(acc) * factor, jnp.imag(x).astype(acc) * factor)
+    return x.astype(acc) * factor
+
+
 def _max_magnitude(x: Array, axes: Any = None) -> Array:
     return jnp.max(_magnitude(x, accumulation_dtype(x.dtype)), axis=axes, initial=0)
 
@@ -166,6 +177,165 @@ def _pmax(x: Any, axis_name: AxisName) -> Any:
     return x if axis_name is None else lax.pmax(x, axis_name)
 
 
+@jax.custom_batching.custom_vmap
+def _all_trusted(sums: Any) -> Array:
+    """Whether every power sum in ``sums`` is trusted: one boolean, also under vmap."""
+    return jnp.all(jnp.stack([jnp.all(_trusted(s)) for s in jax.tree.leaves(sums)]))
+
+
+@_all_trusted.def_vmap
+def _all_trusted_vmap(axis_size: int, in_batched: Any, sums: Any) -> tuple[Array, bool]:
+    # Under jax.vmap the decision covers the whole batch, so it stays unbatched and
+    # the lax.cond that uses it stays a conditional: a batched predicate would turn
+    # it into a select that runs the rescue on every call.
+    del axis_size, in_batched
+    return _all_trusted(sums), False
+
+
+# --- Deciding the rescue once --------------------------------------------------
+#
+# Every norm here is ``finish(fast(xs), xs)`` when the fast power sums are trusted
+# and ``rescue(xs)`` when not, chosen by one ``lax.cond``. Under ``jax.vmap`` a
+# cond whose predicate is batched becomes a select that runs both branches, so a
+# vmapped clip would read the gradients three times. The predicate above is kept
+# unbatched instead ("every example trusted"), so a vmapped norm reads the batch
+# once; when one example is untrusted, the whole batch takes the rescue.
+
+
+def _decide_once(fast: Callable, finish: Callable, rescue: Callable) -> Callable:
+    """``xs -> finish(fast(xs), xs)`` if every fast sum is trusted, else ``rescue(...)``.
+
+    ``finish`` and ``rescue`` take ``(sums, xs)``. They must be the same objects on
+    every call (the factories below are cached), so that eager calls find the
+    compiled cond in lax.cond's cache instead of compiling it again.
+    """
+
+    def guarded(xs: list[Array]) -> Any:
+        sums = fast(xs)
+        trusted = _all_trusted(lax.stop_gradient(sums))
+        return lax.cond(trusted, finish, rescue, sums, xs)
+
+    return guarded
+
+
+# After an overflow of sum |x|^p (p <= 2) every entry is below 2^128, so scaled by
+# 2^-80 its p-th power is below 2^96; after an underflow every entry is below
+# 2^(-63/p), so scaled by 2^80 its p-th power stays normal and below 2^97. Entries
+# lost to the scaling are below 2^-126 relative to what is kept. Power-of-two
+# scaling is exact. For p > 2 no fixed factor covers both ends, and each part is
+# divided by its own maximum instead (a second read).
+# The same argument holds for float64 (x64) with exponents scaled by its range:
+# 2^-640 and 2^640 (entries below 2^1024; 2^(-511/p) after an underflow).
+def _rescue_exponent(dtype: Any) -> int:
+    """80 for float32, 640 for float64: 5/8 of the dtype's largest binary exponent."""
+    return round(0.625 * jnp.finfo(dtype).maxexp)
+
+
+def _rescue_factor(power_sum: Array) -> Array:
+    """2^-80 after an overflow of ``power_sum``, else 2^80 (underflow, or NaN).
+
+    Scaled to the dtype's range: 2^-640 and 2^640 for float64.
+    """
+    exponent = _rescue_exponent(power_sum.dtype)
+    down, up = 2.0**-exponent, 2.0**exponent
+    return jnp.where(power_sum >= math.inf, down, up).astype(power_sum.dtype)
+
+
+# A norm is also returned as two parts, ``norm = root * multiplier``: the
+# multiplier is 1 on the fast path, the rescue's power of two, or the largest
+# magnitude. Both parts stay finite for finite input even where their product
+# overflows (a float32 norm beyond 3.4e38), so a clipper can still compute an
+# exact scale, ``threshold / multiplier / root``.
+
+
+def _norm(root: Array, multiplier: Array) -> Array:
+    return root * multiplier
+
+
+def _unscaled_parts(scaled_power_sum: Array, factor: Array, p: float) -> tuple[Array, Array]:
+    """Parts of the norm from ``sum |x * factor|^p``; NaN stays NaN."""
+    root = jnp.where(jnp.isnan(scaled_power_sum), scaled_power_sum, _root(scaled_power_sum, p))
+    return root, (1 / factor).astype(scaled_power_sum.dtype)
+
+
+def _unscaled(scaled_power_sum: Array, factor: Array, p: float) -> Array:
+    """The norm from ``sum |x * factor|^p``; NaN stays NaN."""
+    return jnp.where(
+        jnp.isnan(scaled_power_sum), scaled_power_sum, _root(scaled_power_sum, p) / factor
+    )
+
+
+# --- Packing leaves ------------------------------------------------------------
+#
+# XLA compiles and launches one kernel per reduction, so a tree of thousands of
+# leaves costs thousands of kernels per pass; on CPU each takes about a
+# millisecond to compile. For the global and per-example norms (one result for
+# the whole tree) leaves are therefore joined, raveled and concatenated, and
+# reduced together: leaves under _PACK_BELOW entries (8 KiB of float32), at most
+# _PACK_LEAVES per chunk and at most _PACK_TOTAL entries (4 MiB) per dtype. On
+# XLA:CPU the join is a copy (its reduction kernels read materialised buffers
+# only) and XLA keeps every chunk's buffer, so packing pays only where a leaf's
+# own kernel would be launch-bound, and the total cap bounds the temporaries it
+# adds whatever the tree. A fused concatenation (GPU) looks up each entry's
+# source per entry, a cost that grows with the leaves in a chunk: hence the
+# chunks. The rescue branch joins the same way.
+#
+# The joins happen where the sums are taken, never on the cond's operands (an
+# operand would be materialised on every step). Per-leaf and unit-wise norms
+# are not joined (see _unit_guarded). Measurements: benchmarks/RESULTS.md
+# ("packing").
+_PACK_BELOW = 2**11
+_PACK_LEAVES = 256
+_PACK_TOTAL = 2**20
+
+
+def _unsharded(x: Array) -> bool:
+    """False for leaves whose type carries a sharding (Explicit mesh axes).
+
+    Concatenating leaves sharded in different ways would force a reshard, so
+    those are reduced one by one.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    return spec is None or all(axis is None for axis in spec)
+
+
+def _layout(xs: Sequence[Array], key: Callable[[int], Any]) -> list[list[int]]:
+    """Indices of ``xs`` reduced together: one chunk per list, alone or joined.
+
+    Arrays under ``_PACK_BELOW`` entries with equal ``key(index)`` fill chunks of
+    at most ``_PACK_LEAVES`` in order, until ``_PACK_TOTAL`` entries of that key
+    are packed; the others are alone.
+    """
+    groups: dict[Any, list[int]] = {}
+    packed_entries: dict[Any, int] = {}
+    layout: list[list[int]] = []
+    for i, x in enumerate(xs):
+        k = key(i)
+        if 0 < x.size < _PACK_BELOW and _unsharded(x) and (
+            packed_entries.get(k, 0) + x.size <= _PACK_TOTAL
+        ):
+            groups.setdefault(k, []).append(i)
+            packed_entries[k] = packed_entries.get(k, 0) + x.size
+        else:
+            layout.append([i])
+    for indices in groups.values():
+        layout += [indices[i:i + _PACK_LEAVES] for i in range(0, len(indices), _PACK_LEAVES)]
+    return layout
+
+
+def _packed(leaves: Sequence[Array]) -> list[Array]:
+    """The leaves joined for one global reduction: raveled and concatenated per chunk."""
+    layout = _layout(leaves, lambda i: leaves[i].dtype)
+    return [
+        leaves[c[0]] if len(c) == 1 else jnp.concatenate([jnp.ravel(leaves[i]) for i in c])
+        for c in layout
+    ]
+
+
+# --- Global norm ---------------------------------------------------------------
+
+
 def global_norm(tree: Any, ord: float | None = 2, *, axis_name: AxisName = None) -> Array:
     """The p-norm of all floating-point entries of ``tree``, taken together.
 
@@ -184,7 +354,8 @@ def global_norm(tree: Any, ord: float | None = 2, *, axis_name: AxisName = None)
     Returns:
       A float32 scalar (float64 if a leaf is float64 under ``jax_enable_x64``).
       The empty tree has norm 0; any NaN entry gives NaN; otherwise any inf entry
-      gives inf.
+      gives inf. Under ``jax.vmap`` the overflow check is decided once for the
+      whole batch, so the fast path reads the batch once.
 
     Example:
       >>> import jax.numpy as jnp, optaxclip as oc
@@ -200,73 +371,238 @@ def global_norm(tree: Any, ord: float | None = 2, *, axis_name: AxisName = None)
     return _global_norm(_float_leaves(tree), p, axis_name)
 
 
-# Leaves smaller than this are raveled and packed into one array per dtype before
-# the reduction: a tree of many small leaves (biases, norms, 2000 64x64 blocks)
-# then costs a few large reductions instead of one small kernel per leaf, which
-# is faster to run and to compile. The copy this makes is at most the size of the
-# small leaves. Measurements: benchmarks/RESULTS.md ("hybrid" design).
-_PACK_BELOW = 2**16
-
-
-def _unsharded(x: Array) -> bool:
-    """False for leaves whose type carries a sharding (Explicit mesh axes).
-
-    Concatenating leaves sharded in different ways would force a reshard, so
-    those are reduced one by one, as large leaves are.
-    """
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    return spec is None or all(axis is None for axis in spec)
-
-
-def _packed(leaves: Sequence[Array]) -> list[Array]:
-    """Small leaves concatenated per dtype, then the large leaves as they are."""
-    groups: dict[Any, list[Array]] = {}
-    large = []
-    for x in leaves:
-        if x.size < _PACK_BELOW and _unsharded(x):
-            groups.setdefault(x.dtype, []).append(jnp.ravel(x))
-        else:
-            large.append(x)
-    packed = [group[0] if len(group) == 1 else jnp.concatenate(group) for group in groups.values()]
-    return packed + large
-
-
 def _global_norm(leaves: Sequence[Array], p: float, axis_name: AxisName) -> Array:
+    return _norm(*global_norm_parts(leaves, p, axis_name))
+
+
+def global_norm_parts(
+    leaves: Sequence[Array], p: float, axis_name: AxisName = None
+) -> tuple[Array, Array]:
+    """The global norm of float ``leaves`` as ``(root, multiplier)``, ``norm = root * m``.
+
+    Both parts are finite for finite input, also when the norm itself is beyond
+    the accumulation dtype's range (see ``_norm``).
+    """
+    leaves = list(leaves)
     acc = _widest(leaves)
+    one = jnp.ones([], acc)
     if not leaves:
-        return jnp.zeros([], acc)
-    leaves = _packed(leaves)
-    sums = jnp.stack([_power_sum(x, p).astype(acc) for x in leaves])
+        return jnp.zeros([], acc), one
     if p == math.inf:
-        return _pmax(jnp.max(sums), axis_name)
-    total = _psum(jnp.sum(sums), axis_name)
+        return _pmax(jnp.max(_global_sums(leaves, p)), axis_name), one
     if p == 1:
-        return total
-    fast, rescaled = _global_branches(p, axis_name)
-    return lax.cond(_trusted(total), fast, rescaled, total, list(leaves))
+        return _psum(jnp.sum(_global_sums(leaves, p)), axis_name), one
+    return _global_guarded(p, axis_name)(leaves)
 
 
-# The branches of the overflow check are built once per (order, axis_name), so
-# lax.cond finds them in its cache: eager calls then reuse the compiled cond
-# instead of tracing and compiling new closures on every call.
+def _global_sums(leaves: list[Array], p: float) -> Array:
+    acc = _widest(leaves)
+    return jnp.stack([_power_sum(x, p).astype(acc) for x in _packed(leaves)])
+
+
+def _combine_rescued(
+    maxima: Array, scaled_sums: Array, p: float, axis_name: AxisName, axis: int = 0
+) -> Array:
+    """Combines parts ``i`` with ``m_i = max|x_i|`` and ``s_i = sum (|x_i|/m_i)^p``.
+
+    With ``M = max_i m_i``, ``||x||_p = M * (sum_i (m_i/M)^p s_i)^(1/p)``: every
+    term is at most the part's entry count, so nothing overflows. Each part is
+    scaled by its own maximum, not by ``M``: many reductions sharing one divisor
+    make XLA's sibling fusion quadratic in their number (minutes to compile at
+    1,000 leaves).
+    """
+    return _norm(*_combine_rescued_parts(maxima, scaled_sums, p, axis_name, axis))
+
+
+def _combine_rescued_parts(
+    maxima: Array, scaled_sums: Array, p: float, axis_name: AxisName, axis: int = 0
+) -> tuple[Array, Array]:
+    """``_combine_rescued`` as ``(root, multiplier)`` parts (see ``_norm``)."""
+    largest = _pmax(jnp.max(maxima, axis=axis), axis_name)
+    weights = _safe_pow(maxima / jnp.expand_dims(_safe_divisor(largest), axis), p)
+    total = _psum(jnp.sum(weights * scaled_sums, axis=axis), axis_name)
+    return _scaled_parts(largest, total, p)
+
+
+def _scaled_parts(largest: Array, scaled_power_sum: Array, p: float) -> tuple[Array, Array]:
+    """``M * (sum (|x|/M)^p)^(1/p)`` as parts; NaN, inf and 0 ride in the root."""
+    finite_positive = (largest > 0) & (largest < math.inf)
+    root = jnp.where(finite_positive, _root(scaled_power_sum, p), largest)
+    return root, jnp.where(finite_positive, largest, 1).astype(root.dtype)
+
+
+def _rescued_part(x: Array, p: float, axes: Any, acc: Any) -> tuple[Array, Array]:
+    """``(max|x|, sum (|x| / max|x|)^p)`` over ``axes``, both in ``acc``."""
+    largest = _max_magnitude(x, axes).astype(acc)
+    divisor = _safe_divisor(largest)
+    if axes is not None:
+        divisor = jnp.expand_dims(divisor, axes)
+    return largest, _power_sum(_divided(x, divisor, acc), p, axes).astype(acc)
+
+
 @functools.cache
-def _global_branches(p: float, axis_name: AxisName) -> tuple[Callable, Callable]:
-    def fast(total: Array, leaves: list[Array]) -> Array:
+def _global_guarded(p: float, axis_name: AxisName) -> Callable:
+    def fast(leaves: list[Array]) -> Array:
+        return _psum(jnp.sum(_global_sums(leaves, p)), axis_name)
+
+    def finish(total: Array, leaves: list[Array]) -> tuple[Array, Array]:
         del leaves
-        return _root(total, p)
+        return _root(total, p), jnp.ones_like(total)
 
-    def rescaled(total: Array, leaves: list[Array]) -> Array:
-        del total
+    def rescue(total: Array, leaves: list[Array]) -> tuple[Array, Array]:
         acc = _widest(leaves)
-        largest = _pmax(
-            jnp.max(jnp.stack([_max_magnitude(x).astype(acc) for x in leaves])), axis_name
+        if p > 2:
+            parts = [_rescued_part(x, p, None, acc) for x in _packed(leaves)]
+            maxima, sums = (jnp.stack(column) for column in zip(*parts))
+            return _combine_rescued_parts(maxima, sums, p, axis_name)
+        # Under jax.vmap the rescue runs for the whole batch: examples whose own
+        # total is trusted keep it (factor 1 re-reads them as they are).
+        trusted = _trusted(total)
+        factor = jnp.where(trusted, 1, _rescue_factor(total)).astype(total.dtype)
+        scaled = [_power_sum(_multiplied(x, factor, acc), p).astype(acc) for x in _packed(leaves)]
+        root, multiplier = _unscaled_parts(
+            _psum(jnp.sum(jnp.stack(scaled)), axis_name), factor, p
         )
-        divisor = _safe_divisor(largest)
-        scaled = sum(_power_sum(_divided(x, divisor, acc), p) for x in leaves)
-        return _scaled_norm(largest, _psum(scaled, axis_name), p)
+        return jnp.where(trusted, _root(total, p), root), jnp.where(trusted, 1, multiplier)
 
-    return fast, rescaled
+    return _decide_once(fast, finish, rescue)
+
+
+# --- Per-example global norms ----------------------------------------------------
+
+
+def batched_global_norm(
+    tree: Any, ord: float | None = 2, *, axis: int = 0, axis_name: AxisName = None
+) -> Array:
+    """Per-example global p-norms of a tree whose leaves carry an example axis.
+
+    ``out[b] = ||{x[b] for every float leaf x}||_p``: the global norm of example
+    ``b``'s gradients, where ``x[b]`` indexes ``axis`` of each leaf. It equals
+    ``jax.vmap(global_norm, in_axes=axis)(tree)`` and is what per-example (DP-SGD,
+    micro-batch) clipping needs. The overflow/underflow rescue is decided once for
+    the batch, by one ``lax.cond`` on "some example's sum is untrusted", so the
+    usual call reads the per-example gradients once.
+
+    Args:
+      tree: a pytree of arrays that all have the example axis ``axis``, of one
+        size ``B``. ``None``, ``optax.MaskedNode`` and non-float leaves are
+        skipped (non-float leaves still fix ``B``).
+      ord: 1, 2, ``inf``, or any float p > 0.
+      axis: the example axis of every leaf (negative values count from the end).
+      axis_name: under ``shard_map``/``pmap``, the axis name (or names) each
+        example's entries are sharded over; the example axis itself must not be
+        split over those devices.
+
+    Returns:
+      A float32 (float64 under x64 with a float64 leaf) array of shape ``[B]``,
+      each entry with the semantics of ``global_norm``: 0 for an example without
+      float entries, NaN if one of its entries is NaN, else inf if one is inf.
+
+    Raises:
+      ValueError: a leaf lacks the axis, the leaves disagree on ``B``, or the tree
+        has no array leaf to take ``B`` from.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optaxclip._norms import batched_global_norm
+      >>> grads = {"w": jnp.array([[3.0, 0.0], [0.0, 1e20]]), "b": jnp.array([4.0, 0.0])}
+      >>> batched_global_norm(grads).tolist()
+      [5.0, 1.0000000200408773e+20]
+    """
+    p = validate_ord(ord)
+    axis_name = validate_axis_name(axis_name)
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise ValueError(f"axis must be an int, the example axis of every leaf; got {axis!r}.")
+    sizes = set()
+    moved = []
+    for x in leaves:
+        if not -x.ndim <= axis < x.ndim:
+            raise ValueError(
+                f"axis={axis} is out of range for a leaf of shape {x.shape}: every leaf "
+                f"needs the example axis. Pass axis= the axis that indexes examples."
+            )
+        sizes.add(x.shape[axis])
+        if is_float_leaf(x):
+            moved.append(jnp.moveaxis(x, axis, 0))
+    if len(sizes) > 1:
+        raise ValueError(
+            f"the leaves disagree on the number of examples along axis {axis}: "
+            f"{sorted(sizes)}. Every leaf must hold the same examples."
+        )
+    if not sizes:
+        raise ValueError(
+            "batched_global_norm needs at least one array leaf to take the number of "
+            "examples from; the tree has none."
+        )
+    (batch,) = sizes
+    acc = _widest(moved)
+    if not moved or batch == 0:
+        return jnp.zeros([batch], acc)
+    if p == math.inf:
+        return _pmax(jnp.max(_batched_sums(moved, p), axis=0), axis_name)
+    if p == 1:
+        return _psum(jnp.sum(_batched_sums(moved, p), axis=0), axis_name)
+    return _batched_guarded(p, axis_name)(moved)
+
+
+def _batched_parts(leaves: list[Array]) -> list[Array]:
+    """``[B, ...]`` leaves, joined per chunk as ``[B, n]`` rows along axis 1."""
+    layout = _layout(leaves, lambda i: leaves[i].dtype)
+    return [
+        leaves[c[0]] if len(c) == 1
+        else jnp.concatenate([leaves[i].reshape(leaves[i].shape[0], -1) for i in c], axis=1)
+        for c in layout
+    ]
+
+
+def _example_axes(x: Array) -> tuple[int, ...]:
+    return tuple(range(1, x.ndim))
+
+
+def _batched_sums(leaves: list[Array], p: float) -> Array:
+    acc = _widest(leaves)
+    return jnp.stack(
+        [_power_sum(x, p, _example_axes(x)).astype(acc) for x in _batched_parts(leaves)]
+    )
+
+
+@functools.cache
+def _batched_guarded(p: float, axis_name: AxisName) -> Callable:
+    def fast(leaves: list[Array]) -> Array:
+        return _psum(jnp.sum(_batched_sums(leaves, p), axis=0), axis_name)
+
+    def finish(totals: Array, leaves: list[Array]) -> Array:
+        del leaves
+        return _root(totals, p)
+
+    def rescue(totals: Array, leaves: list[Array]) -> Array:
+        acc = _widest(leaves)
+        parts = _batched_parts(leaves)
+        if p > 2:
+            rescued = [_rescued_part(x, p, _example_axes(x), acc) for x in parts]
+            maxima, sums = (jnp.stack(column) for column in zip(*rescued))
+            return _combine_rescued(maxima, sums, p, axis_name)
+        # Examples whose own sum is trusted keep it (factor 1 re-reads them as is).
+        trusted = _trusted(totals)
+        factor = jnp.where(trusted, 1, _rescue_factor(totals)).astype(totals.dtype)
+        scaled = [
+            _power_sum(_multiplied(x, _per_example(factor, x), acc), p, _example_axes(x))
+            .astype(acc)
+            for x in parts
+        ]
+        rescued = _unscaled(_psum(jnp.sum(jnp.stack(scaled), axis=0), axis_name), factor, p)
+        return jnp.where(trusted, _root(totals, p), rescued)
+
+    return _decide_once(fast, finish, rescue)
+
+
+def _per_example(values: Array, x: Array) -> Array:
+    """``[B]`` values shaped to broadcast against a ``[B, ...]`` array."""
+    return values.reshape(values.shape + (1,) * (x.ndim - 1))
+
+
+# --- Per-leaf and unit-wise norms ----------------------------------------------------
 
 
 def unit_norms(
@@ -286,44 +622,78 @@ def unit_norms(
         axes = [None] * len(xs)
     if len(axes) != len(xs):
         raise ValueError(f"axes has {len(axes)} entries but there are {len(xs)} arrays.")
+    return [_norm(*parts) for parts in unit_norm_parts(xs, p, axes, axis_name)]
+
+
+def unit_norm_parts(
+    xs: Sequence[Array], p: float, axes: Sequence[Any], axis_name: AxisName = None
+) -> list[tuple[Array, Array]]:
+    """``unit_norms`` as ``(root, multiplier)`` parts per array (see ``_norm``)."""
+    xs = [jnp.asarray(x) for x in xs]
     if not xs:
         return []
-    sums = _psum([_power_sum(x, p, a) for x, a in zip(xs, axes)], axis_name)
-    if p == math.inf:
-        return _pmax(sums, axis_name)
-    if p == 1:
-        return sums
-    all_trusted = jnp.all(jnp.stack([jnp.all(_trusted(s)) for s in sums]))
-    fast, rescaled = _unit_branches(p, axis_name, _hashable_axes(axes))
-    return lax.cond(all_trusted, fast, rescaled, sums, xs)
+    axes = tuple(_normal_axes(a, x.ndim) for a, x in zip(axes, xs))
+    if p in (1, math.inf):
+        sums = [_power_sum(x, p, a) for x, a in zip(xs, axes)]
+        sums = _pmax(sums, axis_name) if p == math.inf else _psum(sums, axis_name)
+        return [(s, jnp.ones_like(s)) for s in sums]
+    return _unit_guarded(p, axis_name, axes)(xs)
 
 
-def _hashable_axes(axes: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple(tuple(a) if isinstance(a, (list, tuple)) else a for a in axes)
+def _normal_axes(a: Any, ndim: int) -> tuple[int, ...] | None:
+    """``axes`` as a sorted tuple of non-negative ints; None stays None (all axes)."""
+    if a is None:
+        return None
+    a = (a,) if isinstance(a, int) else tuple(a)
+    return tuple(sorted(ax % ndim if ndim else ax for ax in a))
+
+
 
 
 @functools.cache
-def _unit_branches(
-    p: float, axis_name: AxisName, axes: tuple[Any, ...]
-) -> tuple[Callable, Callable]:
-    def fast(sums: list[Array], xs: list[Array]) -> list[Array]:
-        del xs
-        return [_root(s, p) for s in sums]
+def _unit_guarded(p: float, axis_name: AxisName, axes: tuple[Any, ...]) -> Callable:
+    # Per-array results stay per array: joining arrays would hand each consumer a
+    # slice of one shared vector, which XLA compiles in time quadratic in their
+    # number (30 s for 500 slices on CPU). For p <= 2 the rescue re-reads each
+    # array once, scaled by a power of two chosen from its own fast sum; for p > 2
+    # it divides each unit by its own maximum (two reads). No divisor is shared
+    # between arrays either (see _combine_rescued).
+    def fast(xs: list[Array]) -> list[Array]:
+        return [_psum(_power_sum(x, p, a), axis_name) for x, a in zip(xs, axes)]
 
-    def rescaled(sums: list[Array], xs: list[Array]) -> list[Array]:
+    def finish(sums: list[Array], xs: list[Array]) -> list[tuple[Array, Array]]:
+        del xs
+        return [(_root(s, p), jnp.ones_like(s)) for s in sums]
+
+    def rescue_by_power_of_two(
+        sums: list[Array], xs: list[Array]
+    ) -> list[tuple[Array, Array]]:
+        out = []
+        for s, x, a in zip(sums, xs, axes):
+            acc = accumulation_dtype(x.dtype)
+            trusted = _trusted(s)
+            factor = jnp.where(trusted, 1, _rescue_factor(s)).astype(acc)
+            spread = factor if a is None else jnp.expand_dims(factor, a)
+            scaled = _psum(_power_sum(_multiplied(x, spread, acc), p, a), axis_name)
+            root, multiplier = _unscaled_parts(scaled, factor, p)
+            out.append((jnp.where(trusted, _root(s, p), root), jnp.where(trusted, 1, multiplier)))
+        return out
+
+    def rescue_by_maximum(sums: list[Array], xs: list[Array]) -> list[tuple[Array, Array]]:
         del sums
-        largest = _pmax([_max_magnitude(x, a) for x, a in zip(xs, axes)], axis_name)
-        scaled = []
-        for x, a, m in zip(xs, axes, largest):
-            divisor = _safe_divisor(m)
+        out = []
+        for x, a in zip(xs, axes):
+            acc = accumulation_dtype(x.dtype)
+            largest = _pmax(_max_magnitude(x, a).astype(acc), axis_name)
+            divisor = _safe_divisor(largest)
             if a is not None:
                 divisor = jnp.expand_dims(divisor, a)
-            acc = accumulation_dtype(x.dtype)
-            scaled.append(_power_sum(_divided(x, divisor, acc), p, a))
-        scaled = _psum(scaled, axis_name)
-        return [_scaled_norm(m, s, p) for m, s in zip(largest, scaled)]
+            scaled = _psum(_power_sum(_divided(x, divisor, acc), p, a), axis_name)
+            out.append(_scaled_parts(largest, scaled, p))
+        return out
 
-    return fast, rescaled
+    rescue = rescue_by_maximum if p > 2 else rescue_by_power_of_two
+    return _decide_once(fast, finish, rescue)
 
 
 def leaf_norms(tree: Any, ord: float = 2, *, axis_name: AxisName = None) -> Any:

@@ -13,6 +13,7 @@ callable of the clipper's own step count.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Union
@@ -90,18 +91,56 @@ def apply_scale(update: Any, scale: Array) -> Any:
     through untouched. For dtypes narrower than float32 the product is rounded
     toward zero, so no entry grows past ``|g * scale|``: bf16/fp16 rounding never
     pushes an output past the clip bound (which then holds to float32 precision).
+    The rounding costs no extra pass: for bf16 it drops the low 16 bits of the
+    float32 product, for the other narrow dtypes it rounds to nearest and steps
+    the result's bit pattern down by one where that rounding grew the magnitude.
+    To ``jax.grad`` it is the plain cast (the derivative of ``g * scale`` in the
+    leaf's dtype). Complex leaves are scaled in their own (at least complex64)
+    precision.
     """
     if update is None or not is_float_leaf(update):
         return update
     update = jnp.asarray(update)
     compute = jnp.promote_types(update.dtype, accumulation_dtype(update.dtype))
     product = update.astype(compute) * scale.astype(accumulation_dtype(compute))
-    scaled = product.astype(update.dtype)
     if compute != update.dtype and not jnp.iscomplexobj(update):
-        grew = jnp.abs(scaled.astype(compute)) > jnp.abs(product)
-        # One step toward zero, exact in the leaf's dtype; nextafter has no
-        # derivative, so the step is a constant to jax.grad.
-        constant = lax.stop_gradient(scaled)
-        step = constant - jnp.nextafter(constant, jnp.zeros_like(constant))
-        scaled = jnp.where(grew, scaled - step, scaled)
+        scaled = _toward_zero(product, update.dtype)
+    else:
+        scaled = product.astype(update.dtype)
     return jnp.where(scale == 1, update, scaled)
+
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _toward_zero(product: Array, dtype: Any) -> Array:
+    """``product`` (float32) converted to the narrower ``dtype``, rounded toward zero.
+
+    Both forms are exact, for every finite, infinite and NaN product:
+
+    * bfloat16 is float32 with the low 16 bits dropped, so clearing those bits
+      is round-toward-zero (sign and magnitude are kept; inf keeps its bits; a
+      NaN product is a quiet NaN, whose quiet bit sits in the kept half).
+    * other dtypes: round to nearest; where that grew the magnitude, the
+      result is non-zero and one step toward zero is its bit pattern minus one
+      (sign-magnitude encoding). ``|g * scale| <= |g|`` keeps the product in
+      range, and NaN compares false, so it is left as it is.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bfloat16 and product.dtype == jnp.float32:
+        bits = lax.bitcast_convert_type(product, jnp.uint32) & jnp.uint32(0xFFFF0000)
+        return lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
+    nearest = product.astype(dtype)
+    grew = jnp.abs(nearest.astype(product.dtype)) > jnp.abs(product)
+    unsigned = _UNSIGNED[dtype.itemsize]
+    bits = lax.bitcast_convert_type(nearest, unsigned) - grew.astype(unsigned)
+    return lax.bitcast_convert_type(bits, dtype)
+
+
+@_toward_zero.defjvp
+def _toward_zero_jvp(dtype: Any, primals: tuple, tangents: tuple) -> tuple[Array, Array]:
+    # The rounding mode moves the value by less than one unit in the last place:
+    # to jax.grad the conversion is the plain cast, as before the rounding fix.
+    (product,), (tangent,) = primals, tangents
+    return _toward_zero(product, dtype), tangent.astype(dtype)

@@ -7,11 +7,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from optaxclip import _history, _norms, _scaling
-from optaxclip._clipper import ThresholdRule, make_clipper, norm_parts
-from optaxclip._norms import is_float_leaf
+from optaxclip._clipper import ThresholdRule, make_clipper
 from optaxclip._registry import register_factory
 from optaxclip._spec import ClipSpec
 from optaxclip._state import ClipStats
@@ -151,12 +149,12 @@ def adagc(
             "num_warmup": jnp.zeros([], jnp.int32),
         }
 
-    def threshold(norm: Any, state: AdaGCState, params: Any, updates: Any) -> tuple[Any, dict]:
+    def threshold(norm: Any, state: AdaGCState, params: Any, parts: list) -> tuple[Any, dict]:
         del params
         leaves, treedef = jax.tree.flatten(norm)
         gammas = treedef.flatten_up_to(state.gamma)
         total = _norms.global_norm(leaves)
-        fractions = _fractions(spec, leaves, total, treedef.flatten_up_to(updates))
+        fractions = _fractions(leaves, total, parts)
         in_warmup = state.num_warmup < warmup_steps
         absolute = _scaling.threshold_at(lambda_abs, state.count)
         relative = _scaling.threshold_at(lambda_rel, state.count)
@@ -188,34 +186,32 @@ def adagc(
         return treedef.unflatten(limits), fields
 
     rule = ThresholdRule(
-        threshold=threshold, init=init, fields=("gamma", "num_warmup"), uses_updates=True
+        threshold=threshold, init=init, fields=("gamma", "num_warmup"), uses_parts=True
     )
     return make_clipper(spec, rule, state_cls=AdaGCState)
 
 
-def _fractions(spec: ClipSpec, norms: list, total: Array, updates: list) -> list:
-    """``norm_i / total`` per tensor: NaN when a gradient entry is not finite.
+def _fractions(norms: list, total: Array, parts: list) -> list:
+    """``norm_i / total`` per tensor; NaN for every tensor when an entry is not finite.
 
     When the total (or a tensor's norm) overflows float32 although every entry is
-    finite, the fractions come from the norms' scaled parts instead.
+    finite, the fractions come from the norms' finite parts instead.
     """
+    pairs = [pair for pair in parts if pair is not None]
+    finite_input = jnp.all(jnp.stack(
+        [jnp.isfinite(r) & jnp.isfinite(m) for r, m in pairs] or [jnp.bool_(True)]
+    ))
+    largest = jnp.max(jnp.stack([m for _, m in pairs] or [jnp.ones([])]))
+    sizes = [
+        jnp.zeros([]) if pair is None else pair[0] * (pair[1] / largest) for pair in parts
+    ]
+    whole = jnp.sqrt(sum(jnp.square(x) for x in sizes))
+    overflowed = jnp.isposinf(total) & finite_input
     safe_total = jnp.where(total > 0, total, 1)
-    direct = [n / safe_total for n in norms]
-
-    def rescued() -> list:
-        floats = [i for i, g in enumerate(updates) if is_float_leaf(g)]
-        parts = dict(zip(floats, norm_parts(spec, [updates[i] for i in floats])))
-        largest = jnp.max(jnp.stack([parts[i][0] for i in floats] or [jnp.zeros([])]))
-        sizes = [
-            (parts[i][0] / _norms._safe_divisor(largest)) * parts[i][1] if i in parts
-            else jnp.zeros([]) for i in range(len(norms))
-        ]
-        whole = jnp.sqrt(sum(jnp.square(x) for x in sizes))
-        finite = jnp.isfinite(largest)
-        return [
-            jnp.where(finite, x / jnp.where(whole > 0, whole, 1), jnp.nan).astype(d.dtype)
-            for x, d in zip(sizes, direct)
-        ]
-
-    regular = [jnp.where(jnp.isnan(total), jnp.nan, d) for d in direct]
-    return lax.cond(jnp.isposinf(total), rescued, lambda: regular)
+    out = []
+    for n, size in zip(norms, sizes):
+        direct = n / safe_total
+        from_parts = (size / jnp.where(whole > 0, whole, 1)).astype(direct.dtype)
+        fraction = jnp.where(overflowed, from_parts, direct)
+        out.append(jnp.where(finite_input, fraction, jnp.nan))
+    return out

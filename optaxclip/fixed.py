@@ -111,7 +111,7 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
       input                       output
       ==========================  ============================================
       zero gradients              zeros; finite ``jax.grad``
-      ``max_delta = 0``           zeros
+      ``max_delta = 0``           signed zeros; NaN entries stay NaN
       ``max_delta = inf``         identity
       ``+inf`` / ``-inf`` entry   ``+max_delta`` / ``-max_delta`` (as torch)
       NaN entry                   stays NaN; other entries clipped as usual;

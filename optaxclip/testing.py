@@ -491,7 +491,8 @@ def assert_guard_contracts(
     _check_structure(name, want_out, out)  # the inner step may change dtypes (optax.sgd)
     guard, old_guard = new_state.guard, state.guard
     skipped = bool(guard.skipped)
-    floats = [_wide(np.asarray(x)) for x in jax.tree.leaves(grads) if _is_float(x)]
+    float_leaves = [x for x in jax.tree.leaves(grads) if _is_float(x)]
+    floats = [_wide(np.asarray(x)) for x in float_leaves]
     finite = all(np.all(np.isfinite(x)) for x in floats)
     loss = extra.get("loss")
     finite = finite and (loss is None or math.isfinite(float(loss)))
@@ -517,8 +518,8 @@ def assert_guard_contracts(
             if not np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
                                rtol=1e-6, atol=0, equal_nan=True):
                 _fail(name, "inner_state", "an applied step's inner state differs")
-    norm = _pnorm(np.concatenate([_magnitudes(x, np.float32).ravel() for x in floats])
-                  if floats else np.zeros(0), 2.0).reshape(())
+    magnitudes = [_magnitudes(np.asarray(x), x.dtype).ravel() for x in float_leaves]
+    norm = _pnorm(np.concatenate(magnitudes) if magnitudes else np.zeros(0), 2.0).reshape(())
     _check_norms(name, "stats.norm", norm, np.asarray(guard.norm, np.float64))
     return out, new_state
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import optaxclip as oc
-from optaxclip import _norms
+from optaxclip import _norms, _scaling
 
 ORDERS = [1, 2, math.inf, 3.0, 0.5]
 
@@ -158,3 +158,206 @@ def test_unit_norms_over_axes_against_reference(ord):
     (got,) = _norms.unit_norms([jnp.asarray(kernel)], ord, axes=[0])
     want = [np_global_norm([kernel[:, j]], ord) for j in range(4)]
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6)
+
+
+# --- batched_global_norm: per-example norms, the rescue decided once per batch ----
+
+
+def example_tree(batch_f32, f16=None, bf16=None, c64=None):
+    """Leaves sharing a leading example axis: f32 [B, 3], f16 [B, 2], bf16 [B], c64 [B, 2]."""
+    b = len(batch_f32)
+    zeros = np.zeros
+    return {
+        "f32": jnp.asarray(np.asarray(batch_f32, np.float32).reshape(b, 3)),
+        "f16": jnp.asarray(zeros((b, 2)) if f16 is None else f16, jnp.float16),
+        "bf16": jnp.asarray(zeros((b,)) if bf16 is None else bf16, jnp.bfloat16),
+        "c64": jnp.asarray(zeros((b, 2)) if c64 is None else c64, jnp.complex64),
+    }
+
+
+def np_batched_norms(tree, ord, axis=0):
+    leaves = [np.moveaxis(np.asarray(x), axis, 0) for x in jax.tree.leaves(tree)
+              if _norms.is_float_leaf(x)]
+    return [np_global_norm([x[b] for x in leaves], ord) for b in range(leaves[0].shape[0])]
+
+
+jit_batched = jax.jit(_norms.batched_global_norm, static_argnames=("ord", "axis"))
+
+
+@pytest.mark.parametrize("ord", ORDERS)
+def test_batched_global_norm_matches_float64_reference_per_example(ord):
+    tree = example_tree(
+        [[0.3, -1.7, 2.0], [1e20, -3e19, 1.0], [0.0, 0.0, 0.0], [1e-30, 2e-30, 0.0]],
+        f16=[[2.5, -0.125], [300.0, 1.0], [0.0, 0.0], [0.0, 0.0]],
+        bf16=[7.0, 1e20, 0.0, 3e-30],
+        c64=[[1 - 2j, 0.25j], [3e20 + 4e20j, 1.0], [0.0, 0.0], [0.0, 1e-30j]],
+    )
+    want = np_batched_norms(tree, ord)
+    for got in (_norms.batched_global_norm(tree, ord), jit_batched(tree, ord=ord)):
+        chex.assert_shape(got, (4,))
+        chex.assert_type(got, jnp.float32)
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5)
+    assert float(got[2]) == 0.0
+
+
+@pytest.mark.parametrize("ord", ORDERS)
+def test_batched_global_norm_equals_vmapped_global_norm(ord):
+    rng = np.random.default_rng(3)
+    tree = {"w": jnp.asarray(rng.normal(size=(5, 6, 4)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(5, 4)), jnp.bfloat16)}
+    tree["w"] = tree["w"].at[1].multiply(1e19)
+    want = jax.jit(jax.vmap(lambda t: oc.global_norm(t, ord=ord)))(tree)
+    np.testing.assert_allclose(jit_batched(tree, ord=ord), want, rtol=2e-6)
+
+
+def test_batched_global_norm_fp16_accumulates_in_float32():
+    got = _norms.batched_global_norm([jnp.array([[300.0, 1.0], [1.0, 0.0]], jnp.float16)])
+    np.testing.assert_allclose(got, [math.hypot(300.0, 1.0), 1.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("ord", ORDERS)
+def test_batched_global_norm_nan_and_inf_stay_in_their_example(ord):
+    tree = example_tree([[1.0, jnp.nan, 0.0], [1.0, 2.0, 2.0], [0.0, 0.0, 0.0]],
+                        f16=[[0.0, 0.0], [0.0, 0.0], [-jnp.inf, 1.0]])
+    for got in (_norms.batched_global_norm(tree, ord), jit_batched(tree, ord=ord)):
+        assert math.isnan(float(got[0]))
+        np.testing.assert_allclose(float(got[1]), np_global_norm([[1.0, 2.0, 2.0]], ord),
+                                   rtol=1e-6)
+        assert float(got[2]) == math.inf
+
+
+def test_batched_global_norm_other_example_axis():
+    tree = {"w": jnp.array([[3.0, 0.0], [4.0, 1e20]]), "b": jnp.array([[0.0, 0.0]])}
+    got = _norms.batched_global_norm(tree, axis=1)
+    np.testing.assert_allclose(got, [5.0, 1e20], rtol=1e-6)
+    np.testing.assert_allclose(_norms.batched_global_norm(tree, axis=-1), got)
+
+
+def test_batched_global_norm_edge_trees():
+    # Non-float leaves fix the example count but add nothing; None/MaskedNode skipped.
+    tree = {"i": jnp.zeros((3, 2), jnp.int32), "none": None, "m": optax.MaskedNode()}
+    got = _norms.batched_global_norm(tree)
+    chex.assert_shape(got, (3,))
+    assert got.tolist() == [0.0, 0.0, 0.0]
+    chex.assert_shape(_norms.batched_global_norm([jnp.zeros((0, 4))]), (0,))
+    with pytest.raises(ValueError, match="at least one array leaf"):
+        _norms.batched_global_norm({"a": None})
+    with pytest.raises(ValueError, match="disagree"):
+        _norms.batched_global_norm([jnp.zeros((2, 3)), jnp.zeros((3,))])
+    with pytest.raises(ValueError, match="out of range"):
+        _norms.batched_global_norm([jnp.zeros((2, 3)), jnp.zeros(())])
+    with pytest.raises(ValueError, match="axis"):
+        _norms.batched_global_norm([jnp.zeros((2, 3))], axis=1.0)
+    with pytest.raises(ValueError, match="ord"):
+        _norms.batched_global_norm([jnp.zeros((2, 3))], ord=0)
+
+
+@pytest.mark.parametrize("ord", ORDERS)
+def test_batched_global_norm_gradient_is_finite_at_zero(ord):
+    zeros = {"w": jnp.zeros((3, 4)), "c": jnp.zeros((3, 2), jnp.complex64)}
+    grad = jax.jit(jax.grad(lambda t: jnp.sum(_norms.batched_global_norm(t, ord))))(zeros)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grad))
+
+
+def _top_level_ops(compiled):
+    """Opcodes of the entry computation's instructions (outside fused computations)."""
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY"):]
+    return entry
+
+
+def test_vmapped_clip_keeps_one_conditional_and_matches_per_example_clip():
+    """Under vmap the rescue is decided once for the batch: the compiled update keeps its
+    conditional (a batched predicate would have turned it into a select running both)."""
+    rng = np.random.default_rng(5)
+    grads = {"w": jnp.asarray(rng.normal(size=(4, 8, 3)), jnp.float32),
+             "b": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+    grads["w"] = grads["w"].at[2, 0, 0].set(1e20)  # one example takes the rescue
+    tx = oc.clip_by_global_norm(1.0)
+    vmapped = jax.jit(jax.vmap(lambda g: tx.update(g, tx.init(g))))
+    assert " conditional(" in _top_level_ops(vmapped.lower(grads).compile())
+    out, state = vmapped(grads)
+    for i in range(4):
+        example = jax.tree.map(lambda x, i=i: x[i], grads)
+        want, want_state = tx.update(example, tx.init(example))
+        np.testing.assert_allclose(state.stats.norm[i], want_state.stats.norm, rtol=1e-6)
+        for got, w in zip(jax.tree.leaves(out), jax.tree.leaves(want)):
+            np.testing.assert_allclose(got[i], w, rtol=1e-6, atol=1e-30)
+
+
+def test_vmapped_norm_under_grad_and_nested_vmap():
+    x = jnp.arange(24.0).reshape(2, 3, 4)
+    nested = jax.jit(jax.vmap(jax.vmap(oc.global_norm)))(x)
+    np.testing.assert_allclose(nested, np.linalg.norm(np.asarray(x), axis=-1), rtol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(jax.vmap(oc.global_norm)(x)))(jnp.zeros((3, 4)))
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    per_example = jax.vmap(jax.grad(oc.global_norm))(x[0])
+    np.testing.assert_allclose(per_example, x[0] / np.linalg.norm(x[0], axis=-1, keepdims=True),
+                               rtol=1e-6)
+
+
+# --- apply_scale: low-precision products rounded toward zero, exactly -----------------
+
+
+def _all_values(dtype):
+    bits = jnp.arange(2**16, dtype=jnp.uint32).astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("scale", [0.999999, 0.7071, 1 / 3, 0.0165, 1e-3, 1e-30])
+def test_apply_scale_rounds_every_value_toward_zero(dtype, scale):
+    """Against an exact reference: the largest representable magnitude at or under
+    |float32(g) * float32(scale)|, with g's sign, for all 65,536 bit patterns."""
+    values = _all_values(dtype)
+    scale32 = np.float32(scale)
+    out = np.asarray(jax.jit(_scaling.apply_scale)(values, jnp.float32(scale)))
+    v = np.asarray(values).astype(np.float32)
+    product = v * scale32  # numpy float32, the same IEEE product
+    out32 = out.astype(np.float32)
+    finite = np.isfinite(v)
+    assert np.array_equal(np.isnan(out32), np.isnan(v))
+    assert np.array_equal(out32[np.isinf(v)], v[np.isinf(v)] * scale32)
+    ladder = np.unique(np.abs(v[finite]).astype(np.float64))  # representable magnitudes
+    normal = finite & (np.abs(product) >= np.finfo(np.float32).tiny)  # XLA:CPU flushes below
+    magnitude = np.abs(product[normal]).astype(np.float64)
+    want = ladder[np.searchsorted(ladder, magnitude, side="right") - 1]
+    np.testing.assert_array_equal(np.abs(out32[normal]).astype(np.float64), want)
+    assert np.all(np.abs(out32[finite]) <= np.abs(product[finite]))
+    keeps_sign = finite & (v != 0)
+    assert np.array_equal(np.signbit(out32[keeps_sign]), np.signbit(v[keeps_sign]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_apply_scale_identity_at_one_and_plain_cast_gradient(dtype):
+    values = _all_values(dtype) if dtype != jnp.float32 else jnp.linspace(-3, 3, 11)
+    same = _scaling.apply_scale(values, jnp.float32(1.0))
+    unsigned = jnp.uint16 if dtype != jnp.float32 else jnp.uint32
+    bits_in = np.asarray(jax.lax.bitcast_convert_type(values, unsigned))
+    bits_out = np.asarray(jax.lax.bitcast_convert_type(same, unsigned))
+    # NaN payloads are XLA's to canonicalise (as in any select); NaN stays NaN.
+    nan = np.isnan(np.asarray(values, np.float32))
+    np.testing.assert_array_equal(bits_out[~nan], bits_in[~nan])
+    assert np.all(np.isnan(np.asarray(same, np.float32))[nan])
+    g = jnp.asarray([3.0, -1.5, 0.0, 2.0], dtype)
+
+    def loss(fn, g, s):
+        return jnp.sum(fn(g, s).astype(jnp.float32) * jnp.arange(1.0, 5.0))
+
+    def plain(g, s):
+        return (g.astype(jnp.float32) * s).astype(g.dtype)
+
+    for s in (0.3, 0.0):
+        got = jax.grad(lambda g, s: loss(_scaling.apply_scale, g, s), argnums=(0, 1))(
+            g, jnp.float32(s))
+        want = jax.grad(lambda g, s: loss(plain, g, s), argnums=(0, 1))(g, jnp.float32(s))
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+            assert bool(jnp.all(jnp.isfinite(a)))
+
+
+def test_apply_scale_complex_leaves_are_scaled_in_their_own_precision():
+    g = jnp.array([1 + 2j, -3e20 + 1j, 0j], jnp.complex64)
+    out = _scaling.apply_scale(g, jnp.float32(1 / 3))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(g * jnp.complex64(1 / 3)))
+    assert _scaling.apply_scale(jnp.array([1, 2]), jnp.float32(0.5)).tolist() == [1, 2]
