@@ -247,9 +247,42 @@ def _initial_norm(spec: ClipSpec, params: Any) -> Any:
     def zeros(x: Any) -> Array:
         if not is_float_leaf(x):
             return jnp.zeros([], jnp.float32)
-        return jnp.zeros(_unit_shape(spec, tuple(jnp.shape(x))), _norms.accumulation_dtype(x.dtype))
+        shape = tuple(jnp.shape(x))
+        return jnp.zeros(
+            _unit_shape(spec, shape), _norms.accumulation_dtype(x.dtype),
+            out_sharding=_kept_sharding(x, reduced_axes(spec, shape)),
+        )
 
     return jax.tree.map(zeros, params)
+
+
+def _kept_sharding(x: Any, axes: tuple[int, ...] | None) -> Any:
+    """The sharding type a per-unit norm of ``x`` over ``axes`` has, or None.
+
+    Under Explicit mesh axes a reduction keeps the kept axes' sharding in its
+    type (a ``P("data", "model")`` kernel has per-column norms ``P("model")``),
+    so the zeros ``init`` records must carry it too, or the state's type would
+    change after the first update. None (a plain replicated array) when the
+    type names no mesh axis: unsharded, or Auto axes the partitioner decides.
+    """
+    if axes is None:
+        return None
+    try:
+        sharding = getattr(jax.typeof(x), "sharding", None)
+    except TypeError:  # not an array or a ShapeDtypeStruct (a Python float)
+        return None
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return None
+    spec = tuple(spec) + (None,) * (jnp.ndim(x) - len(spec))
+    kept = tuple(entry for i, entry in enumerate(spec) if i not in axes)
+    if all(entry is None for entry in kept):
+        return None
+    concrete = getattr(x, "sharding", None)
+    if isinstance(concrete, jax.sharding.NamedSharding) and not isinstance(x, jax.core.Tracer):
+        # A concrete array or struct, maybe outside any ``jax.set_mesh``: its own mesh.
+        return jax.sharding.NamedSharding(concrete.mesh, jax.sharding.PartitionSpec(*kept))
+    return sharding.update(spec=jax.sharding.PartitionSpec(*kept))
 
 
 def _initial_stats(spec: ClipSpec, norm: Any, threshold: Any) -> ClipStats:

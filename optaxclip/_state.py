@@ -104,8 +104,23 @@ def _leaves(tree: Any) -> list[Array]:
     return [jnp.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def _flat(values: list[Array]) -> Array:
-    return jnp.concatenate([jnp.ravel(x) for x in values])
+def _reduce(reduce: Any, values: list[Array]) -> Array:
+    """``reduce`` over every entry of ``values``, leaf by leaf, then across leaves.
+
+    Not by concatenating: per-unit stats of leaves sharded in different ways
+    (Explicit mesh axes) cannot be joined without a reshard, but each leaf's own
+    reduction is replicated and those stack.
+    """
+    nonempty = [x for x in values if x.size]
+    if not nonempty:  # only empty units (a (5, 0) kernel): what concatenation gives
+        return reduce(jnp.concatenate([jnp.ravel(x) for x in values]))
+    return reduce(jnp.stack([reduce(x) for x in nonempty]))
+
+
+def _fraction(flags: list[Array]) -> Array:
+    count = sum(x.size for x in flags)
+    hits = jnp.sum(jnp.stack([jnp.sum(x.astype(jnp.float32)) for x in flags]))
+    return hits / max(count, 1)
 
 
 def _summaries(record: ClipStats, scope: str, per_leaf: bool) -> dict[str, Array]:
@@ -123,17 +138,16 @@ def _summaries(record: ClipStats, scope: str, per_leaf: bool) -> dict[str, Array
     out: dict[str, Array] = {}
     if norms:
         # max propagates NaN, so a single non-finite leaf shows in the summary.
-        out["norm"] = jnp.max(_flat(norms))
+        out["norm"] = _reduce(jnp.max, norms)
     if _is_shared(record.threshold):
         out["threshold"] = thresholds[0]
     elif thresholds:
-        out["threshold_min"] = jnp.min(_flat(thresholds))
-        out["threshold_max"] = jnp.max(_flat(thresholds))
+        out["threshold_min"] = _reduce(jnp.min, thresholds)
+        out["threshold_max"] = _reduce(jnp.max, thresholds)
     if norms:
-        out["scale"] = jnp.min(_flat(scales))
-        flags = _flat(clipped)
-        out["clipped"] = jnp.any(flags)
-        out["clipped_fraction"] = jnp.mean(flags.astype(jnp.float32))
+        out["scale"] = _reduce(jnp.min, scales)
+        out["clipped"] = _reduce(jnp.any, clipped)
+        out["clipped_fraction"] = _fraction(clipped)
     if per_leaf:
         out.update(_per_leaf(record, scales is not None))
     return out
