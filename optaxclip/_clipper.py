@@ -295,9 +295,17 @@ def _float_positions(leaves: list[Any]) -> list[int]:
     return [i for i, x in enumerate(leaves) if is_float_leaf(x)]
 
 
-def _root_count(count: int, axis_name: Any) -> Array:
-    """The square root of how many entries a norm covers, across ``axis_name`` shards too."""
-    total = lax.psum(count, axis_name) if axis_name is not None else count
+def _root_count(counts: list[tuple[int, Any]], axis_name: Any) -> Array:
+    """The square root of how many entries a norm covers, across ``axis_name`` shards too.
+
+    ``counts`` holds ``(entries on this shard, the array they are in)`` pairs:
+    each array's entries are counted once per shard along the axes it varies
+    along (all of ``axis_name`` without replication checking; see ``_norms``).
+    """
+    total = 0
+    for count, x in counts:
+        axes = _norms.reduction_axes(x, axis_name)
+        total = total + (lax.psum(count, axes) if axes is not None else count)
     return jnp.sqrt(jnp.maximum(jnp.asarray(total, jnp.float32), 1))
 
 
@@ -320,8 +328,8 @@ def measure_parts(spec: ClipSpec, updates: Any) -> tuple[Any, Any]:
         leaves = _norms._float_leaves(updates)
         root, multiplier = _norms.global_norm_parts(leaves, spec.ord, spec.axis_name)
         if spec.rms:
-            count = sum(x.size for x in leaves)
-            root = root / _root_count(count, spec.axis_name).astype(root.dtype)
+            counts = [(x.size, x) for x in leaves]
+            root = root / _root_count(counts, spec.axis_name).astype(root.dtype)
         return _norms._norm(root, multiplier), (root, multiplier)
     leaves, treedef = jax.tree.flatten(updates)
     positions = _float_positions(leaves)
@@ -333,7 +341,7 @@ def measure_parts(spec: ClipSpec, updates: Any) -> tuple[Any, Any]:
     for i, x, a, (root, multiplier) in zip(positions, arrays, axes, found):
         if spec.rms:
             count = math.prod(x.shape[d] for d in a) if a is not None else x.size
-            root = root / _root_count(count, spec.axis_name).astype(root.dtype)
+            root = root / _root_count([(count, x)], spec.axis_name).astype(root.dtype)
         out[i], parts[i] = _norms._norm(root, multiplier), (root, multiplier)
     return treedef.unflatten(out), parts
 
@@ -421,7 +429,7 @@ def _clip_entries(spec: ClipSpec, updates: Any, norm: Array, threshold: Array):
     out = jax.tree.map(clip_leaf, updates)
     clipped = jnp.any(jnp.stack(changed)) if changed else jnp.zeros([], bool)
     if spec.axis_name is not None:
-        clipped = lax.pmax(clipped.astype(jnp.int32), spec.axis_name) > 0
+        clipped = _norms._pmax(clipped.astype(jnp.int32), spec.axis_name) > 0
     return out, ClipStats(norm=norm, threshold=threshold, clipped=clipped)
 
 

@@ -22,6 +22,7 @@ Several processes are tested in ``test_multiprocess.py``.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import jax
@@ -430,3 +431,143 @@ def test_guard_decision_is_the_same_on_every_shard(guard, bad):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         else:
             assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(updates))
+
+
+# ---------------------------------------------------------------- 4. shard_map over two axes
+#
+# Leaves sharded over `model` only, over `data` only, over both, and replicated.
+# Under replication checking a leaf replicated over an axis holds the same partial
+# sum on every shard of it, so the global norm must reduce each leaf over the
+# axes it is split along only: a replicated leaf counts once, not once per shard.
+
+MIXED = {
+    "kernel": ((8, 3), P("model", None)),
+    "bias": ((5,), P()),
+    "embed": ((16, 2), P(("data", "model"), None)),
+    "scale": ((6,), P("data")),
+}
+BOTH_AXES = ("data", "model")
+
+
+@functools.cache
+def mesh_2x4():
+    return jax.make_mesh((2, 4), BOTH_AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+def _mixed_specs():
+    return {name: spec for name, (_, spec) in MIXED.items()}
+
+
+def _mixed_grads(scale: float = 1.0, seed: int = 3, big: str | None = None):
+    rng = np.random.default_rng(seed)
+    grads = {name: np.asarray(rng.normal(size=shape) * scale, np.float32)
+             for name, (shape, _) in MIXED.items()}
+    if big is not None:  # squared, 1e20 overflows float32: the rescaled branch runs
+        grads[big].flat[1] = 1e20
+    return jax.tree.map(jnp.asarray, grads)
+
+
+def _on_2x4(fn, in_specs, out_specs):
+    return jax.jit(jax.shard_map(fn, mesh=mesh_2x4(), in_specs=in_specs, out_specs=out_specs,
+                                 check_vma=True))
+
+
+def _np_norm(tree, ord) -> float:
+    flat = np.abs(np.concatenate([np.ravel(np.asarray(x, np.float64))
+                                  for x in jax.tree.leaves(tree)]))
+    if ord == math.inf:
+        return float(np.max(flat))
+    top = float(np.max(flat))  # scaled: 1e20 ** 3 overflows float64 too
+    return top * float(np.sum((flat / top) ** ord) ** (1 / ord)) if top else 0.0
+
+
+@pytest.mark.parametrize("big", [None, "bias", "kernel"], ids=["finite", "rescue-replicated",
+                                                                "rescue-sharded"])
+@pytest.mark.parametrize("ord", [2, 1, math.inf, 3])
+def test_global_norm_counts_each_entry_once_over_two_axes(ord, big):
+    grads = _mixed_grads(big=big)
+    want = _np_norm(grads, ord)
+    norm = functools.partial(oc.global_norm, ord=ord, axis_name=BOTH_AXES)
+    got = float(_on_2x4(norm, (_mixed_specs(),), P())(grads))
+    assert got == pytest.approx(want, rel=2e-6)
+    # The unsharded norm agrees (the test's reference is not the only witness).
+    assert got == pytest.approx(float(oc.global_norm(grads, ord)), rel=2e-6)
+
+
+def test_replicated_leaf_alone_is_not_reduced():
+    grads = {"bias": _mixed_grads()["bias"]}
+    norm = functools.partial(oc.global_norm, axis_name=BOTH_AXES)
+    got = _on_2x4(norm, ({"bias": P()},), P())(grads)
+    assert float(got) == pytest.approx(_np_norm(grads, 2), rel=1e-6)
+
+
+def _axis_clipper(name: str, axis_name):
+    info = FACTORIES[name]
+    kwargs = {"axis_name": axis_name}
+    return info.build(1.0, **kwargs) if info.threshold is not None else info.build(**kwargs)
+
+
+def _axis_guard(name: str, axis_name):
+    return FACTORIES[name].build(inner=optax.adam(1e-2), axis_name=axis_name)
+
+
+AXIS_CLIPPERS = sorted(
+    name for name in CLIPPERS
+    if "axis_name" in inspect.signature(FACTORIES[name].factory).parameters
+)
+SHARD_MAPPED = {
+    **{name: functools.partial(_axis_clipper, name) for name in AXIS_CLIPPERS},
+    **{f"{name}(adam)": functools.partial(_axis_guard, name) for name in GUARDS},
+}
+
+
+def test_every_clipper_with_an_axis_name_is_covered():
+    # clip_by_value clips entry by entry: no norm to reduce, so no axis_name.
+    assert set(CLIPPERS) - set(AXIS_CLIPPERS) == {"clip_by_value"}
+
+
+def _state_specs(state, grad_specs):
+    """Moments (trees keyed like the gradients) sharded like them; the rest replicated.
+
+    Every clipper statistic is replicated: norms reduced across shards are the same
+    on every device, which check_vma proves for the out spec P().
+    """
+    def spec(path, _):
+        names = [getattr(key, "name", None) for key in path]
+        if "mu" in names or "nu" in names:
+            return grad_specs[path[-1].key]
+        return P()
+    return jax.tree_util.tree_map_with_path(spec, state)
+
+
+MIXED_SCALES = (0.05, 0.3, 0.1, 0.2, 40.0)
+
+
+@pytest.mark.parametrize("name", sorted(SHARD_MAPPED))
+def test_shard_map_over_two_axes_equals_unsharded(name):
+    grad_specs = _mixed_specs()
+    params = _mixed_grads(seed=11)
+    grads_seq = [_mixed_grads(s, seed=20 + i) for i, s in enumerate(MIXED_SCALES)]
+    # Last, a NaN on one `data` shard of a leaf replicated over `model`.
+    nan_step = _mixed_grads(0.1, seed=30)
+    grads_seq.append({**nan_step, "scale": nan_step["scale"].at[4].set(jnp.nan)})
+    plain = SHARD_MAPPED[name](None)
+    tx = SHARD_MAPPED[name](BOTH_AXES)
+    want = _run(plain, params, grads_seq)
+
+    state = tx.init(params)
+    state_specs = _state_specs(state, grad_specs)
+    update = _on_2x4(tx.update, (grad_specs, state_specs, grad_specs),
+                     (grad_specs, state_specs))
+    for step, (grads, (want_updates, want_state)) in enumerate(zip(grads_seq, want)):
+        updates, state = update(grads, state, params)
+        where = f"{name} step {step}"
+        _assert_close(updates, want_updates, f"{where} updates")
+        _assert_close(state, want_state, f"{where} state")
+    # The spike (or, for skip_nonfinite, the NaN) was clipped or skipped, and
+    # the first step was not: both sides of the decision ran sharded.
+    def flags(step):
+        stats = oc.stats(want[step][1])
+        return [bool(jnp.any(v)) for k, v in stats.items() if k.endswith(("/clipped", "/skipped"))]
+    assert flags(-1) and all(flags(-1)), name
+    assert not any(flags(0)), name
