@@ -24,6 +24,7 @@ from optaxclip.fixed import (
     clip_by_norm,
     clip_by_value,
 )
+from optaxclip.groups import ClipByGroupNormsState, clip_by_group_norms
 from optaxclip.guards import SkipNonfiniteState, SkipOnSpikeState, skip_nonfinite, skip_on_spike
 from optaxclip.invariants import (
     OrderingError,
@@ -50,6 +51,9 @@ __all__ = [
     "clip_by_norm",
     "clip_by_rms",
     "clip_by_value",
+    # parameter groups
+    "ClipByGroupNormsState",
+    "clip_by_group_norms",
     # adaptive thresholds
     "AdaGCState",
     "AdaptiveGradClipState",
