@@ -245,3 +245,32 @@ def test_checked_taps_every_group():
 def test_registered():
     info = oc.registered_factories()["clip_by_group_norms"]
     assert info.factory is oc.clip_by_group_norms
+
+
+# ---------------------------------------------------------------- the Muon example
+
+
+def test_muon_example_clips_the_adamw_group_only(capsys):
+    import pathlib
+    import sys
+
+    examples = pathlib.Path(__file__).resolve().parents[1] / "examples"
+    sys.path.insert(0, str(examples))
+    try:
+        import muon_groups
+    finally:
+        sys.path.remove(str(examples))
+    assert hasattr(optax.contrib, "muon")
+    results = muon_groups.main(["--tiny"])
+    assert "final val loss" in capsys.readouterr().out
+    clipped, free = results["AdamW group clipped at 1"], results["not clipped (inf)"]
+    for run in (clipped, free):
+        # Stats for the AdamW group only: Muon's matrices are in no norm.
+        assert run["stats_keys"] == [f"adamw/clip_by_group_norms/{field}"
+                                     for field in ("clipped", "norm", "scale", "threshold")]
+        assert math.isfinite(run["val_loss"])
+    # Every corrupt batch was clipped, and nothing is clipped at threshold inf.
+    assert set(clipped["spiked_steps"]) <= set(clipped["clipped_steps"])
+    assert clipped["spiked_steps"] and free["clipped_steps"] == []
+    # The clip keeps the corrupt batches from wrecking the AdamW parameters.
+    assert clipped["val_loss"] < free["val_loss"]
