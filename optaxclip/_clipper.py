@@ -248,10 +248,11 @@ def _initial_norm(spec: ClipSpec, params: Any) -> Any:
         if not is_float_leaf(x):
             return jnp.zeros([], jnp.float32)
         shape = tuple(jnp.shape(x))
-        return jnp.zeros(
-            _unit_shape(spec, shape), _norms.accumulation_dtype(x.dtype),
-            out_sharding=_kept_sharding(x, reduced_axes(spec, shape)),
-        )
+        unit_shape, dtype = _unit_shape(spec, shape), _norms.accumulation_dtype(x.dtype)
+        sharding = _kept_sharding(x, reduced_axes(spec, shape))
+        if sharding is None:
+            return jnp.zeros(unit_shape, dtype)
+        return jnp.zeros(unit_shape, dtype, out_sharding=sharding)
 
     return jax.tree.map(zeros, params)
 
