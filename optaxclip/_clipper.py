@@ -211,8 +211,45 @@ def _keep_dtypes(new: Any, old: Any) -> Any:
 # ---------------------------------------------------------------- scopes
 
 
+@dataclasses.dataclass(frozen=True)
+class StackedSpec(ClipSpec):
+    """The spec of a per-leaf or unit-wise clipper whose leaves stack layers on axis 0.
+
+    Each index along every leaf's leading axis is a layer (``nn.scan``,
+    ``lax.scan`` over a layer stack), measured as the unstacked clipper would
+    measure a leaf of the remaining shape: a ``[L, d]`` leaf has one norm per
+    layer, a ``[L, in, out]`` kernel under AGC one per layer and output unit, a
+    ``[L]`` leaf one per entry. Scalars are one layer.
+    """
+
+
+def stacked_spec(spec: ClipSpec, stacked: Any) -> ClipSpec:
+    """``spec`` as a ``StackedSpec`` when ``stacked`` is True; validates ``stacked``."""
+    if not isinstance(stacked, bool):
+        raise ValueError(
+            f"stacked must be True (every leaf's leading axis indexes stacked layers, as "
+            f"flax's nn.scan and jax.lax.scan lay them out) or False; got {stacked!r}."
+        )
+    if not stacked:
+        return spec
+    if spec.scope not in ("leaf", "unit"):
+        raise ValueError(
+            f"{spec.name}: stacked applies to per-leaf and unit-wise clippers; its scope is "
+            f"{spec.scope!r}."
+        )
+    return StackedSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
+
+
 def reduced_axes(spec: ClipSpec, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """The axes one norm of ``spec`` reduces over in a leaf of ``shape`` (None: all)."""
+    if isinstance(spec, StackedSpec) and len(shape) >= 1:
+        per_layer = _unstacked_reduced_axes(spec, tuple(shape[1:]))
+        per_layer = range(len(shape) - 1) if per_layer is None else per_layer
+        return tuple(axis + 1 for axis in per_layer)  # the layer axis 0 is kept
+    return _unstacked_reduced_axes(spec, shape)
+
+
+def _unstacked_reduced_axes(spec: ClipSpec, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     if spec.scope != "unit" or len(shape) <= 1:
         return None
     ndim = len(shape)

@@ -149,7 +149,7 @@ def _summaries(record: ClipStats, scope: str, per_leaf: bool) -> dict[str, Array
         out["clipped"] = _reduce(jnp.any, clipped)
         out["clipped_fraction"] = _fraction(clipped)
     if per_leaf:
-        out.update(_per_leaf(record, scales is not None))
+        out.update(_per_leaf(record, scales is not None, layered=scope == "leaf"))
     return out
 
 
@@ -162,8 +162,13 @@ def _is_shared(threshold: Any) -> bool:
     )
 
 
-def _per_leaf(record: ClipStats, has_scale: bool) -> dict[str, Array]:
-    """``leaves/<leaf path>/<field>`` entries; per-unit values are summarised per leaf."""
+def _per_leaf(record: ClipStats, has_scale: bool, layered: bool = False) -> dict[str, Array]:
+    """``leaves/<leaf path>/<field>`` entries; per-unit values are summarised per leaf.
+
+    With ``layered`` (a per-leaf clipper), a leaf whose norm is a vector holds
+    stacked layers (``stacked=True``): each layer also gets
+    ``leaves/<leaf path>/layers/<index>/<field>`` entries.
+    """
     out = {}
     norm_entries = jax.tree_util.tree_flatten_with_path(record.norm)[0]
     thresholds = None if _is_shared(record.threshold) else jax.tree.leaves(record.threshold)
@@ -177,6 +182,23 @@ def _per_leaf(record: ClipStats, has_scale: bool) -> dict[str, Array]:
         if scales is not None:
             out[f"{key}/scale"] = jnp.min(jnp.asarray(scales[index]))
         out[f"{key}/clipped"] = jnp.any(jnp.asarray(flags[index]))
+        if layered and jnp.ndim(norm) == 1:
+            out.update(_per_layer(key, index, norm, thresholds, scales, flags))
+    return out
+
+
+def _per_layer(key: str, index: int, norm: Any, thresholds: Any, scales: Any,
+               flags: Any) -> dict[str, Array]:
+    out = {}
+    for layer in range(jnp.shape(norm)[0]):
+        prefix = f"{key}/layers/{layer}"
+        out[f"{prefix}/norm"] = jnp.asarray(norm)[layer]
+        if thresholds is not None:
+            limit = jnp.asarray(thresholds[index])
+            out[f"{prefix}/threshold"] = limit[layer] if limit.ndim else limit
+        if scales is not None:
+            out[f"{prefix}/scale"] = jnp.asarray(scales[index])[layer]
+        out[f"{prefix}/clipped"] = jnp.asarray(flags[index])[layer]
     return out
 
 
