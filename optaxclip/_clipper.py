@@ -284,14 +284,19 @@ def _initial_norm(spec: ClipSpec, params: Any) -> Any:
     def zeros(x: Any) -> Array:
         if not is_float_leaf(x):
             return jnp.zeros([], jnp.float32)
-        shape = tuple(jnp.shape(x))
-        unit_shape, dtype = _unit_shape(spec, shape), _norms.accumulation_dtype(x.dtype)
-        sharding = _kept_sharding(x, reduced_axes(spec, shape))
-        if sharding is None:
-            return jnp.zeros(unit_shape, dtype)
-        return jnp.zeros(unit_shape, dtype, out_sharding=sharding)
+        return unit_zeros(spec, x, _norms.accumulation_dtype(x.dtype))
 
     return jax.tree.map(zeros, params)
+
+
+def unit_zeros(spec: ClipSpec, x: Any, dtype: Any) -> Array:
+    """Zeros shaped (and, under Explicit mesh axes, sharded) like ``spec``'s norms of ``x``."""
+    shape = tuple(jnp.shape(x))
+    unit_shape = _unit_shape(spec, shape)
+    sharding = _kept_sharding(x, reduced_axes(spec, shape))
+    if sharding is None:
+        return jnp.zeros(unit_shape, dtype)
+    return jnp.zeros(unit_shape, dtype, out_sharding=sharding)
 
 
 def _kept_sharding(x: Any, axes: tuple[int, ...] | None) -> Any:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _history, _norms, _scaling
-from optaxclip._clipper import ThresholdRule, make_clipper, reduced_axes, stacked_spec
+from optaxclip._clipper import ThresholdRule, make_clipper, stacked_spec, unit_zeros
 from optaxclip._registry import register_factory
 from optaxclip._spec import ClipSpec
 from optaxclip._state import ClipStats
@@ -145,17 +145,16 @@ def adagc(
         strict_nonfinite=True,
     ), stacked)
 
-    def per_tensor_shape(x: Any) -> tuple[int, ...]:
-        shape = tuple(jnp.shape(x))
-        axes = reduced_axes(spec, shape) if _norms.is_float_leaf(x) else None
-        return () if axes is None else tuple(d for i, d in enumerate(shape) if i not in axes)
+    def no_history(x: Any, dtype: Any) -> Array:
+        # inf per tensor (per layer when stacked), laid out as its norm is.
+        if not _norms.is_float_leaf(x):
+            return jnp.full([], jnp.inf, dtype)
+        return unit_zeros(spec, x, dtype) + jnp.asarray(jnp.inf, dtype)
 
     def init(params: Any) -> dict[str, Any]:
         dtype = _history.dtype_for(params)
         return {
-            "gamma": jax.tree.map(
-                lambda x: jnp.full(per_tensor_shape(x), jnp.inf, dtype), params
-            ),
+            "gamma": jax.tree.map(lambda x: no_history(x, dtype), params),
             "num_warmup": jnp.zeros([], jnp.int32),
         }
 

@@ -45,9 +45,9 @@ GUARDS = sorted(name for name, info in FACTORIES.items() if info.kind == "guard"
 PRESET_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm")
 
 
-def _clipper(name: str):
+def _clipper(name: str, **kwargs):
     info = FACTORIES[name]
-    return info.build(1.0) if info.threshold is not None else info.build()
+    return info.build(1.0, **kwargs) if info.threshold is not None else info.build(**kwargs)
 
 
 def _guarded(name: str):
@@ -77,6 +77,9 @@ TRANSFORMATIONS = {
     **{f"{name}(adam)": functools.partial(_guarded, name) for name in GUARDS},
     **{f"clipped(adam, {opt}=1)": functools.partial(_preset, opt) for opt in PRESET_OPTIONS},
     "clip_by_group_norms": _groups,
+    # Stacked layers: every leaf's leading axis (a kernel's `data` axis too).
+    **{f"{name}(stacked)": functools.partial(_clipper, name, stacked=True)
+       for name in ("adagc", "adaptive_grad_clip", "clip_by_block_rms", "clip_by_norm")},
 }
 
 
@@ -211,6 +214,8 @@ MULTI_AXIS = {
     **{name: functools.partial(_clipper, name) for name in CLIPPERS},
     **{f"{name}(adam)": functools.partial(_guarded, name) for name in GUARDS},
     "clip_by_group_norms": _groups,
+    **{f"{name}(stacked)": functools.partial(_clipper, name, stacked=True)
+       for name in ("adaptive_grad_clip", "clip_by_norm")},
 }
 # Small, at the threshold's scale, a spike: every clipper clips some steps and not
 # others, and the adaptive ones leave their warmup (test_kwargs keep it short).
