@@ -30,7 +30,7 @@ MIN_DESELECT := --deselect tests/test_fixed.py::test_optax_clip_by_global_norm_r
 
 LINT_PATHS := optaxclip tests examples benchmarks notebooks tools docs/conf.py
 
-.PHONY: test test-min demo docs typecheck notebooks dist bench bench-quick lint clean venv
+.PHONY: test test-min fuzz demo docs typecheck notebooks dist bench bench-quick lint clean venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,9 +56,15 @@ $(DOCS_STAMP): $(PY) pyproject.toml
 
 venv: $(STAMP)
 
+# ruff, pyright (the package and a user-style script), the API reference (warnings as
+# errors, every public name documented; its doctests run in the suite), the suite, and
+# the packaging check (sdist, wheel, twine check).
 test: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	$(PY) -m pyright --pythonpath $(PY) optaxclip tests/typing
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) tools/check_docs.py docs/_build/html
+	$(PY) -m pytest -n 2 --dist load -q
 	$(PY) tools/check_dist.py
 
 $(MIN_STAMP): pyproject.toml tools/min_requirements.py
@@ -95,6 +101,13 @@ notebooks: $(STAMP)
 # The sdist and wheel in dist/, twine check, and what the wheel must hold.
 dist: $(STAMP)
 	$(PY) tools/check_dist.py
+
+# The long runs, kept out of `make test`: the contract matrix with many more generated
+# cases per transformation (HYPOTHESIS_PROFILE=fuzz, OPTAXCLIP_FUZZ_EXAMPLES each, 400
+# by default), the fault-injection soak over every clipper, and the functional forms.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz OPTAXCLIP_SOAK=all $(PY) -m pytest -n 2 --dist load -q \
+		tests/test_contracts.py tests/test_soak.py tests/test_functional.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(ARGS)

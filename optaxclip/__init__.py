@@ -24,6 +24,14 @@ from optaxclip.fixed import (
     clip_by_norm,
     clip_by_value,
 )
+from optaxclip.functional import (
+    MonitorLeafNormsState,
+    MonitorNormState,
+    clip,
+    clip_per_leaf,
+    clip_values,
+    monitor_norm,
+)
 from optaxclip.groups import ClipByGroupNormsState, clip_by_group_norms
 from optaxclip.guards import SkipNonfiniteState, SkipOnSpikeState, skip_nonfinite, skip_on_spike
 from optaxclip.invariants import (
@@ -71,8 +79,15 @@ __all__ = [
     "skip_on_spike",
     # norms and stats
     "ClipStats",
+    "MonitorLeafNormsState",
+    "MonitorNormState",
     "global_norm",
+    "monitor_norm",
     "stats",
+    # functional forms, for custom loops
+    "clip",
+    "clip_per_leaf",
+    "clip_values",
     # invariants
     "OrderingError",
     "Stage",

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from typing import Any, cast
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
@@ -185,6 +186,7 @@ def _tap(tx: Any, rtol: float) -> optax.GradientTransformationExtraArgs:
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any):
         out, new_state = inner.update(updates, state, params, **extra_args)
+        new_state = cast(Any, new_state)  # a clipper's NamedTuple state, or anything else
         if spec is not None:
             _verify_clipper(spec, updates, out, new_state.stats, rtol)
         elif _is_clipper_state(new_state) and new_state.stats.scale is not None:
@@ -192,6 +194,7 @@ def _tap(tx: Any, rtol: float) -> optax.GradientTransformationExtraArgs:
             # hand-written wrapper): its scope is known from the state class, its
             # norm settings are not, so only the recorded scale can be checked.
             class_spec = _spec.spec_for_state(new_state)
+            assert class_spec is not None  # _is_clipper_state checked it
             finite_in = jnp.isfinite(_norms.global_norm(updates, math.inf))
             _check_scale_applied(class_spec, finite_in, updates, out, new_state.stats.scale, rtol)
         return out, new_state

@@ -39,7 +39,9 @@ Array = jax.Array
 __all__ = ["ThresholdRule", "fixed_threshold", "make_clipper"]
 
 # (norm, state, params) -> (threshold, {rule field: new value})
-ThresholdFn = Callable[[Any, Any, Any], tuple[Any, dict[str, Any]]]
+# (norm, state, params) -> (threshold, new fields); rules with ``uses_parts`` also get
+# the norm's parts as a fourth argument.
+ThresholdFn = Callable[..., tuple[Any, dict[str, Any]]]
 
 
 def _no_fields(params: Any) -> dict[str, Any]:
@@ -391,6 +393,11 @@ def measure_parts(spec: ClipSpec, updates: Any) -> tuple[Any, Any]:
 
 def _clip(spec: ClipSpec, updates: Any, norm: Any, parts: Any,
           threshold: Any) -> tuple[Any, ClipStats]:
+    if spec.role == "monitor":
+        # Measured only: the updates go out as they came in, bit for bit.
+        return updates, ClipStats(
+            norm=norm, threshold=threshold, scale=jax.tree.map(jnp.ones_like, norm)
+        )
     if spec.scope == "element":
         return _clip_entries(spec, updates, norm, threshold)
     if spec.scope == "global":
@@ -451,11 +458,19 @@ def _clip_entries(spec: ClipSpec, updates: Any, norm: Array, threshold: Array):
         if jnp.iscomplexobj(g):
             modulus = _norms._magnitude(g, _norms.accumulation_dtype(g.dtype))
             over = ~(modulus <= threshold)
-            changed.append(jnp.any(over & ~jnp.isnan(modulus)))
-            factor = jnp.where(over, threshold / jnp.where(over, modulus, 1), 1)
-            # Threshold 0 zeroes every entry, subnormal ones (modulus 0) too.
-            factor = jnp.where(threshold == 0, 0, factor)
-            return _scaling.apply_scale(g, factor)
+            # Unit phase first, then the radius: threshold / modulus itself can be
+            # subnormal (threshold 1, modulus 1e38) and XLA flushes it to 0. The
+            # modulus, the division and the product each round: aiming two eps
+            # inside the threshold keeps the output's modulus at or under it.
+            wide = jnp.promote_types(g.dtype, jnp.complex64)
+            radius = threshold.astype(modulus.dtype) * (1 - 2 * float(jnp.finfo(modulus.dtype).eps))
+            unit = g.astype(wide) / jnp.where(over, modulus, 1).astype(wide)
+            # Threshold 0 zeroes every entry, subnormal ones (modulus 0) too; NaN
+            # entries stay NaN, as in the real case.
+            zero = (threshold == 0) & ~jnp.isnan(modulus)
+            changed.append(jnp.any((over & ~jnp.isnan(modulus)) | zero))
+            scaled = jnp.where(zero, 0, unit * radius.astype(wide)).astype(g.dtype)
+            return jnp.where(over | zero, scaled, g)
         limit = round_down(threshold, g.dtype)
         # Written as "not inside" so that a NaN limit (a broken schedule) clips
         # every entry to NaN instead of passing the gradients through; at limit 0

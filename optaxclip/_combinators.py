@@ -116,9 +116,16 @@ def _optax_qualname(name: str) -> Callable[[Any], bool]:
     return lambda update: _from_optax(update) and _qualname(update) == name
 
 
+def _wrapped(update: Any) -> tuple[Any, str | None, Any]:
+    found = _spec.inner_of(update)
+    if found is None:  # the table matched it as a wrapper, so it carries one
+        raise TypeError(f"{short_name(update)} is not an optaxclip wrapper")
+    return found
+
+
 def _optaxclip_children(update: Any, init: Any, state: Any, params: Any) -> list[Child]:
     del init
-    inner, field, _ = _spec.inner_of(update)
+    inner, field, _ = _wrapped(update)
     sub_state = state if field is None else getattr(state, field)
     path = () if field is None else (f".{field}",)
     return [Child(inner, _spec.wrapper_name(update), sub_state, path, params)]
@@ -126,7 +133,7 @@ def _optaxclip_children(update: Any, init: Any, state: Any, params: Any) -> list
 
 def _optaxclip_rebuild(update: Any, init: Any, wrap: Callable[[Any], Any]) -> Any:
     del init
-    inner, _, remake = _spec.inner_of(update)
+    inner, _, remake = _wrapped(update)
     return None if remake is None else remake(wrap(inner))
 
 
@@ -419,6 +426,8 @@ def leaf_kind(update: Any, state: Any, previous: str | None) -> tuple[Kind | Non
     """
     spec = _spec.spec_of(update)
     if spec is not None:
+        if spec.role == "monitor":
+            return "other", ""  # it never changes an update
         return ("update_clipper" if spec.role == "update" else "clipper"), ""
     name = short_name(update)
     if _is_optax_state(state, _OPTAX_ACCUMULATION_STATES):

@@ -108,7 +108,7 @@ def mean_std(history: History) -> tuple[Array, Array]:
     return mean_unit * divisor, jnp.sqrt(var_unit) * divisor
 
 
-def scaled_rms(weight_a: Array, a: Array, weight_b: Array, b: Array) -> Array:
+def scaled_rms(weight_a: float | Array, a: Array, weight_b: float | Array, b: Array) -> Array:
     """``sqrt(weight_a a^2 + weight_b b^2)`` for weights in [0, 1], without overflow."""
     largest = jnp.maximum(jnp.abs(a), jnp.abs(b))
     divisor = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)

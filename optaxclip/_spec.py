@@ -11,7 +11,8 @@ instead of guessing them from closures, key paths or field names:
   tree).
 * ``role``: where it belongs in a chain. A ``"gradient"`` clipper goes before
   the moment accumulators; an ``"update"`` clipper (update RMS, update norm)
-  goes after the preconditioner by design.
+  goes after the preconditioner by design; a ``"monitor"`` only measures, so it
+  may sit anywhere.
 * ``ord``, ``rms``, ``eps``, ``axis_name``: how the norm is measured and reduced
   across shards.
 """
@@ -28,7 +29,7 @@ from optaxclip._validate import AxisName
 __all__ = ["ClipSpec", "Role", "Scope", "register_spec", "spec_of", "spec_for_state"]
 
 Scope = Literal["element", "leaf", "unit", "global"]
-Role = Literal["gradient", "update"]
+Role = Literal["gradient", "update", "monitor"]
 
 SCOPES: tuple[str, ...] = get_args(Scope)
 ROLES: tuple[str, ...] = get_args(Role)
@@ -43,8 +44,9 @@ class ClipSpec:
         ``"clip_by_global_norm"``. Letters, digits and underscores.
       scope: ``"element"``, ``"leaf"``, ``"unit"`` or ``"global"``: what one
         norm covers (see the module docstring).
-      role: ``"gradient"`` (before the moments) or ``"update"`` (after the
-        preconditioner).
+      role: ``"gradient"`` (before the moments), ``"update"`` (after the
+        preconditioner) or ``"monitor"`` (measures the norm and never changes the
+        updates, so it is legal anywhere in a chain).
       ord: the norm's order: 1, 2, ``inf`` or any p > 0 (element scope: ``inf``).
       rms: divide the 2-norm by the square root of the number of entries it
         covers, counted across ``axis_name`` shards (RMS clipping).
@@ -83,6 +85,10 @@ class ClipSpec:
             raise ValueError(f"ClipSpec.scope must be one of {SCOPES}; got {self.scope!r}.")
         if self.role not in ROLES:
             raise ValueError(f"ClipSpec.role must be one of {ROLES}; got {self.role!r}.")
+        if self.role == "monitor" and self.scope == "element":
+            raise ValueError(
+                "ClipSpec.role 'monitor' measures a norm: use scope 'leaf', 'unit' or 'global'."
+            )
         p = _validate.validate_ord(self.ord, name="ClipSpec.ord")
         if self.scope == "element" and p != math.inf:
             raise ValueError("ClipSpec.ord must be inf for scope 'element' (entries are clipped).")

@@ -144,7 +144,7 @@ def _summaries(record: ClipStats, scope: str, per_leaf: bool) -> dict[str, Array
     elif thresholds:
         out["threshold_min"] = _reduce(jnp.min, thresholds)
         out["threshold_max"] = _reduce(jnp.max, thresholds)
-    if norms:
+    if norms and scales is not None:
         out["scale"] = _reduce(jnp.min, scales)
         out["clipped"] = _reduce(jnp.any, clipped)
         out["clipped_fraction"] = _fraction(clipped)

@@ -57,7 +57,7 @@ class Stage(NamedTuple):
     kind: Kind
     location: str
     state_path: str
-    coverage: frozenset
+    coverage: frozenset[str]
     params: Any
     decay: Any = None
     note: str = ""
@@ -132,6 +132,7 @@ class _Walker:
         if kids is None:
             return self._leaf(update, state, previous, common)
         entry = _combinators.combinator(update)
+        assert entry is not None  # children() found some, so the table knows it
         if entry.name == "MultiSteps":
             self.stages.append(Stage("MultiSteps", "accumulation", stateful=True, **common))
         last = None

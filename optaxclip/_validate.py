@@ -18,6 +18,7 @@ import numbers
 from typing import Any, Union
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -101,6 +102,10 @@ def validate_axis_name(axis_name: Any, *, name: str = "axis_name") -> AxisName:
     )
 
 
+def _as_any(value: Any) -> Any:
+    return value
+
+
 def validate_threshold(value: Any, name: str) -> None:
     """Raises ``ValueError`` naming ``name`` for a static threshold that is invalid.
 
@@ -108,10 +113,9 @@ def validate_threshold(value: Any, name: str) -> None:
     they are: their values are only known at update time, where a negative value
     is clamped to 0 and a NaN poisons the output.
     """
-    if callable(value) and not hasattr(value, "dtype"):
+    if (callable(value) and not hasattr(value, "dtype")) or is_traced(value):
         return
-    if is_traced(value):
-        return
+    value = _as_any(value)  # callable() narrowed the type; it is a number or an array here
     if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be a non-negative number, not a bool ({value!r}).")
     if _is_number(value):

@@ -120,6 +120,8 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
       negative static threshold   ``ValueError`` at construction
       negative traced threshold   clamped to 0
       bf16 / fp16 leaves          clipped in their own dtype, bound exact
+      complex entries             scaled to modulus ``<= max_delta`` (a few
+                                  ulps inside it), phase kept
       ``max_delta`` above the     finite entries untouched; ``inf`` entries go
       dtype's largest value       to the dtype's largest value (fp16: 65504)
       ==========================  ============================================

@@ -116,6 +116,21 @@ def test_clip_grad_norm_matches_torch(norm_type, regime, foreach, jit):
         assert clipped_norm <= max_norm * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+@pytest.mark.parametrize("factor", [0.25, 4.0])
+def test_functional_clip_returns_what_clip_grad_norm_returns(norm_type, factor):
+    """``oc.clip(grads, c, ord=p, eps=1e-6)`` is ``clip_grad_norm_``: same tensors, same norm."""
+    grads = _grads(seed=3)
+    max_norm = _numpy_norm(grads, norm_type) * factor
+    theirs, total = torch_clip_norm(grads, max_norm, norm_type)
+    ours, norm = jax.jit(functools.partial(oc.clip, ord=norm_type, eps=TORCH_EPS))(
+        [jnp.asarray(g) for g in grads], max_norm
+    )
+    np.testing.assert_allclose(float(norm), float(total), rtol=2e-6)
+    for x, y in zip(ours, theirs):
+        np.testing.assert_allclose(np.asarray(x), y, rtol=4e-6, atol=1e-9)
+
+
 def test_clip_grad_norm_without_eps_differs_only_at_the_threshold():
     """eps=0 (the default) keeps input exactly at the threshold; torch's 1e-6 shrinks it."""
     grads = _grads()
