@@ -313,7 +313,7 @@ def _kept_sharding(x: Any, axes: tuple[int, ...] | None) -> Any:
     if axes is None:
         return None
     try:
-        sharding = getattr(jax.typeof(x), "sharding", None)
+        sharding: Any = getattr(jax.typeof(x), "sharding", None)
     except TypeError:  # not an array or a ShapeDtypeStruct (a Python float)
         return None
     spec = getattr(sharding, "spec", None)
@@ -324,7 +324,7 @@ def _kept_sharding(x: Any, axes: tuple[int, ...] | None) -> Any:
     if all(entry is None for entry in kept):
         return None
     concrete = getattr(x, "sharding", None)
-    if isinstance(concrete, jax.sharding.NamedSharding) and not isinstance(x, jax.core.Tracer):
+    if isinstance(concrete, jax.sharding.NamedSharding) and not _validate.is_traced(x):
         # A concrete array or struct, maybe outside any ``jax.set_mesh``: its own mesh.
         return jax.sharding.NamedSharding(concrete.mesh, jax.sharding.PartitionSpec(*kept))
     return sharding.update(spec=jax.sharding.PartitionSpec(*kept))
