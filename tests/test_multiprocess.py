@@ -48,11 +48,15 @@ worker = _load_worker()
 
 def _cpu_collectives_missing() -> str | None:
     """Why this jaxlib cannot run CPU collectives across processes, or None."""
-    from jax._src.lib import _jax
-
+    version = getattr(jax.lib, "__version__", "(unknown version)")
+    try:
+        from jax._src.lib import _jax
+    except ImportError:  # an older jaxlib layout: ask for the collectives another way
+        _jax = getattr(getattr(jax, "_src", None), "lib", None)
+        _jax = getattr(_jax, "xla_extension", None) or getattr(_jax, "xla_client", None)
     if not hasattr(_jax, "make_gloo_tcp_collectives"):
-        return (f"jaxlib {jax.lib.__version__} has no gloo CPU collectives "
-                f"(jaxlib._jax.make_gloo_tcp_collectives is missing)")
+        return (f"jaxlib {version} has no gloo CPU collectives "
+                f"(make_gloo_tcp_collectives is missing)")
     return None
 
 
