@@ -274,3 +274,31 @@ def test_muon_example_clips_the_adamw_group_only(capsys):
     assert clipped["spiked_steps"] and free["clipped_steps"] == []
     # The clip keeps the corrupt batches from wrecking the AdamW parameters.
     assert clipped["val_loss"] < free["val_loss"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 1.0, 300.0])
+def test_per_group_contracts_across_dtypes(dtype, scale):
+    """Bound, identity below the threshold and direction, per group, in each dtype."""
+    g = jax.tree.map(lambda x: x.astype(dtype), grads(scale, seed=4))
+    tx = oc.clip_by_group_norms(MAX_NORMS, LABELS)
+    out, state = jax.jit(tx.update)(g, tx.init(g))
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, g)
+    stats = oc.stats(state)
+    for group, limit in MAX_NORMS.items():
+        before = group_of(g, LABELS, group)
+        after = group_of(out, LABELS, group)
+        if limit is None:  # excluded: bit-identical whatever the dtype
+            chex.assert_trees_all_equal(after, before)
+            continue
+        norm = np_norm(before)
+        assert float(stats[f"{group}/clip_by_group_norms/norm"]) == pytest.approx(norm, rel=1e-5)
+        if norm <= limit:
+            chex.assert_trees_all_equal(after, before)
+            continue
+        assert np_norm(after) <= limit * (1 + 1e-6)
+        factor = float(stats[f"{group}/clip_by_group_norms/scale"])
+        eps = float(jnp.finfo(dtype).eps)
+        for a, b in zip(before, after):
+            assert np.all(np.sign(b) * np.sign(a) >= 0)  # no sign flips
+            np.testing.assert_allclose(b, a * factor, rtol=2 * eps, atol=1e-30)
