@@ -146,3 +146,43 @@ def test_bad_stacked_argument_is_named():
         oc.clip_by_norm(1.0, stacked="yes")
     with pytest.raises(ValueError, match="stacked must be True"):
         oc.adagc(stacked=1)
+
+
+def test_flax_scanned_block():
+    """Parameters of a flax ``nn.scan`` over layers: the scanned subtree is stacked."""
+    nn = pytest.importorskip("flax.linen")
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return jnp.tanh(nn.Dense(4)(x)), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(4, name="embed")(x)
+            scanned = nn.scan(Block, variable_axes={"params": 0},
+                              split_rngs={"params": True}, length=LAYERS)
+            x, _ = scanned(name="layers")(x, None)
+            return jnp.sum(x**2)
+
+    model = Model()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)) * 30, jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    grads = jax.grad(lambda p: model.apply({"params": p}, x))(params)
+    kernel = grads["layers"]["Dense_0"]["kernel"]
+    assert kernel.shape == (LAYERS, 4, 4)
+    in_layers = jax.tree_util.tree_map_with_path(
+        lambda path, _: path[0].key == "layers", grads)
+    tx = optax.chain(optax.masked(oc.clip_by_norm(0.1, stacked=True), in_layers),
+                     optax.masked(oc.clip_by_norm(0.1), jax.tree.map(lambda m: not m, in_layers)))
+    out, state = jax.jit(tx.update)(grads, tx.init(params))
+    got = np.asarray(out["layers"]["Dense_0"]["kernel"], np.float64)
+    want = np.asarray(kernel, np.float64)
+    norms = [np.linalg.norm(want[layer]) for layer in range(LAYERS)]
+    assert max(norms) > 0.1 and np.ptp(norms) > 0  # clipped, by different factors
+    for layer, norm in enumerate(norms):
+        expected = want[layer] * min(1.0, 0.1 / norm)
+        np.testing.assert_allclose(got[layer], expected, rtol=1e-5, atol=1e-9)
+    stats = oc.stats(state, per_leaf=True)
+    assert any("layers/Dense_0/kernel/layers/2/norm" in key for key in stats), sorted(stats)
