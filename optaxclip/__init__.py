@@ -41,8 +41,16 @@ from optaxclip.invariants import (
     check_order,
     checked,
 )
+from optaxclip.per_example import ClipPerExampleState, PerExampleStats, clip_per_example
 from optaxclip.presets import clipped
 from optaxclip.rms import ClipByRmsState, clip_by_rms
+from optaxclip.spam import SpamState, SpamStats, spam
+from optaxclip.update_clip import (
+    ClipUpdateNormState,
+    ClipUpdateRmsState,
+    clip_update_norm,
+    clip_update_rms,
+)
 from optaxclip.zclip import ZClipState, zclip
 
 __version__ = "0.1.0"
@@ -71,6 +79,19 @@ __all__ = [
     "adaptive_grad_clip",
     "autoclip",
     "zclip",
+    # update clippers (after the preconditioner)
+    "ClipUpdateNormState",
+    "ClipUpdateRmsState",
+    "clip_update_norm",
+    "clip_update_rms",
+    # per-example clipping (DP-SGD)
+    "ClipPerExampleState",
+    "PerExampleStats",
+    "clip_per_example",
+    # moment-aware spike clipping (wraps an Adam-like optimizer)
+    "SpamState",
+    "SpamStats",
+    "spam",
     # guards and presets
     "SkipNonfiniteState",
     "SkipOnSpikeState",

@@ -440,9 +440,10 @@ def _scale(spec: ClipSpec, norm: Array, parts: tuple[Array, Array], threshold: A
     overflowed = jnp.isposinf(norm) & jnp.isfinite(root) & jnp.isfinite(multiplier) & (
         root > 0
     )
-    exact = jnp.minimum((t / jnp.where(overflowed, multiplier, 1)) / jnp.where(
-        overflowed, root, 1
-    ), 1)
+    # Two divisions, kept apart: XLA's simplifier rewrites (t / m) / r as
+    # t / (m * r), and m * r is the norm that overflowed (scale 0 under jit).
+    partial = lax.optimization_barrier(t / jnp.where(overflowed, multiplier, 1))
+    exact = jnp.minimum(partial / jnp.where(overflowed, root, 1), 1)
     exact = jnp.where(t == math.inf, 1, jnp.where(jnp.isnan(t), jnp.nan, exact))
     return jnp.where(overflowed, exact.astype(scale.dtype), scale)
 
@@ -462,9 +463,15 @@ def _clip_entries(spec: ClipSpec, updates: Any, norm: Array, threshold: Array):
             # subnormal (threshold 1, modulus 1e38) and XLA flushes it to 0. The
             # modulus, the division and the product each round: aiming two eps
             # inside the threshold keeps the output's modulus at or under it.
+            # A finite entry's modulus can overflow (3e38 + 2e38j): its phase then
+            # comes from the entry halved, whose modulus fits.
             wide = jnp.promote_types(g.dtype, jnp.complex64)
             radius = threshold.astype(modulus.dtype) * (1 - 2 * float(jnp.finfo(modulus.dtype).eps))
-            unit = g.astype(wide) / jnp.where(over, modulus, 1).astype(wide)
+            big = jnp.isposinf(modulus)
+            half = g.astype(wide) * 0.5
+            numerator = jnp.where(big, half, g.astype(wide))
+            denominator = jnp.where(big, _norms._magnitude(half, modulus.dtype), modulus)
+            unit = numerator / jnp.where(over, denominator, 1).astype(wide)
             # Threshold 0 zeroes every entry, subnormal ones (modulus 0) too; NaN
             # entries stay NaN, as in the real case.
             zero = (threshold == 0) & ~jnp.isnan(modulus)

@@ -16,7 +16,8 @@ from typing import Any, Literal, TypeVar
 
 __all__ = ["FactoryInfo", "register_factory", "registered_factories"]
 
-Kind = Literal["clipper", "guard", "preset", "wrapper"]
+Kind = Literal["clipper", "guard", "preset", "wrapper", "moment_clipper",
+               "per_example"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -29,7 +30,11 @@ class FactoryInfo:
       factory: the callable itself.
       kind: ``"clipper"`` (called with its limit), ``"guard"`` (called with an
         inner transformation), ``"preset"`` (``clipped(tx, **option)``) or
-        ``"wrapper"`` (``checked(tx)``: same state and updates as ``tx``).
+        ``"wrapper"`` (``checked(tx)``: same state and updates as ``tx``) or
+        ``"moment_clipper"`` (called with an inner Adam-like optimizer, whose
+        second moment it clips against, and its limit: ``spam(inner, theta=...)``) or
+        ``"per_example"`` (called with its limit; takes ``[B, ...]`` gradients and
+        returns them reduced over the example axis: ``clip_per_example``).
       threshold: the argument that sets the limit, or None when the limit is
         adaptive and has no such argument.
       test_kwargs: keyword arguments that keep a short test meaningful (e.g. a

@@ -35,8 +35,10 @@ __all__ = [
     "MODES",
     "assert_clip_contracts",
     "assert_guard_contracts",
+    "assert_moment_clip_contracts",
     "check_factory",
     "clipper_spec",
+    "moment_probe",
     "run_update",
 ]
 
@@ -605,3 +607,260 @@ def _as_info(factory: Any) -> FactoryInfo:
             f"@optaxclip.register_factory(threshold='...') first."
         )
     return registry[name]
+
+
+# ---------------------------------------------------------------- moment clippers (spam)
+
+
+def moment_probe(b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
+    """An Adam-like transformation whose update is its input.
+
+    Its state is an ``optax.ScaleByAdamState`` whose ``mu`` and ``nu`` follow
+    Adam's recursions; its update returns the gradients it received unchanged.
+    Wrapped in ``spam``, the output *is* the clipped gradient, so
+    ``assert_moment_clip_contracts`` checks the bound, the identity and the
+    signs on it directly.
+    """
+
+    def floats(fn: Callable[..., Any], *trees: Any) -> Any:
+        return jax.tree.map(lambda x, *rest: fn(x, *rest) if _is_float(x) else x, *trees)
+
+    def init_fn(params: Any) -> Any:
+        zeros = floats(jnp.zeros_like, params)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros,
+                                      nu=floats(jnp.zeros_like, params))
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        mu = floats(lambda g, m: (b1 * m + (1 - b1) * g).astype(m.dtype), updates, state.mu)
+        nu = floats(lambda g, v: (b2 * v + (1 - b2) * jnp.abs(g).astype(v.real.dtype) ** 2)
+                    .astype(v.dtype), updates, state.nu)
+        return updates, optax.ScaleByAdamState(optax.safe_increment(state.count), mu, nu)
+
+    update_fn.optaxclip_passes_updates = True
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _np_moment_node(node: Any) -> bool:
+    return hasattr(node, "_fields") and "nu" in node._fields
+
+
+def _np_reset(inner_state: Any) -> Any:
+    """Every moment node's fields but ``count`` as zeros (what a reset step starts from)."""
+
+    def reset(node: Any) -> Any:
+        if not _np_moment_node(node):
+            return node
+        return node._replace(**{
+            f: jax.tree.map(lambda x: np.zeros_like(x) if _is_float(np.asarray(x)) else x,
+                            getattr(node, f))
+            for f in node._fields if f != "count"
+        })
+
+    return jax.tree.map(reset, inner_state, is_leaf=_np_moment_node)
+
+
+def _np_second_moments(inner_state: Any, grads: Any) -> list[Any]:
+    leaves, treedef = jax.tree.flatten(grads)
+    found: list[Any] = [None] * len(leaves)
+    nodes = [n for n in jax.tree.leaves(inner_state, is_leaf=_np_moment_node)
+             if _np_moment_node(n)]
+    for node in nodes:
+        try:
+            nus = treedef.flatten_up_to(node.nu)
+        except (ValueError, TypeError):
+            continue
+        for i, (g, v) in enumerate(zip(leaves, nus)):
+            if found[i] is None and _is_float(g) and hasattr(v, "shape") and (
+                    np.shape(v) == np.shape(g)):
+                found[i] = np.asarray(v)
+    return found
+
+
+def _np_warmup(since: int, steps: int) -> float:
+    if since >= steps:
+        return 1.0
+    return float(1 - 0.99 * (1 + np.cos(np.pi * np.float32(since) / (steps + 1))) / 2)
+
+
+def _spike_reference(theta: float, g: np.ndarray, v: Any, dtype: Any):
+    """(clipped float64 gradient, definitely clipped, ambiguous, limit) for one leaf."""
+    g64 = _wide(g)
+    magnitude = _magnitudes(g, dtype)
+    magnitude = np.where(np.isnan(g64), np.nan, np.where(np.isinf(np.abs(g64)), np.inf,
+                                                         magnitude))
+    if v is None:
+        none = np.zeros(g.shape, bool)
+        return g64, none, none, np.full(g.shape, np.inf)
+    second = np.abs(np.real(np.asarray(v, np.complex128)))
+    second = np.where(second < _tiny(np.asarray(v).dtype), 0.0, second)
+    with np.errstate(invalid="ignore"):
+        limit = np.where(second > 0, math.sqrt(theta) * np.sqrt(second), np.inf)
+    over = (second > 0) & (magnitude > limit * (1 + BOUND_RTOL))
+    ambiguous = (second > 0) & ~over & (magnitude > limit * (1 - BOUND_RTOL))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if np.iscomplexobj(g64):
+            capped = g64 * (limit / np.where(over, magnitude, 1))
+        else:
+            capped = np.sign(g64) * _round_down_np(np.where(over, limit, 0.0), dtype)
+    return np.where(over, capped, g64), over, ambiguous, limit
+
+
+def _round_down_np(limit: np.ndarray, dtype: Any) -> np.ndarray:
+    """Entry-wise, the largest value of ``dtype`` at or under ``limit`` (>= 0), as float64."""
+    capped = np.minimum(limit, float(jnp.finfo(dtype).max))
+    rounded = jnp.asarray(capped, dtype)
+    too_big = np.asarray(rounded, np.float64) > capped
+    lowered = jnp.nextafter(rounded, jnp.zeros_like(rounded))
+    return np.where(too_big, np.asarray(lowered, np.float64), np.asarray(rounded, np.float64))
+
+
+def assert_moment_clip_contracts(
+    tx: Any, grads: Any, state: Any, params: Any = None, *, mode: str = "jit", **extra: Any
+) -> tuple[Any, Any]:
+    """Runs one update of a moment clipper (``spam``) and checks it against float64 numpy.
+
+    The reference reads the inner state's second moment ``nu`` (zeroed on a
+    reset step), clips every coordinate with ``g^2 > theta v`` and ``v > 0`` to
+    ``sign(g) sqrt(theta v)`` in float64, runs the inner optimizer on that, and
+    multiplies by the cosine warmup factor. The update and the new inner state
+    must match it (the inner optimizer must act coordinate-wise, as the Adam
+    family does; coordinates within 1e-6 of their limit are not compared), and
+    the stats must count what was clipped and what was not finite. With a
+    pass-through inner optimizer (``moment_probe``) the output is the clipped
+    gradient: then ``|out| <= sqrt(theta v)``, coordinates under the limit (or
+    with ``v = 0``) bit-identical, signs kept, NaN kept, inf clipped where
+    ``v > 0`` are asserted on it directly.
+    """
+    update = _combinators.unwrap(tx.update)
+    spec = getattr(update, "optaxclip_moment_clip", None)
+    inner = _spec.inner_of(update)
+    if spec is None or inner is None:
+        raise TypeError("assert_moment_clip_contracts needs a moment clipper (optaxclip.spam).")
+    inner_tx, name = optax.with_extra_args_support(inner[0]), _spec.wrapper_name(update)
+    out, new_state = run_update(tx, grads, state, params, mode, **extra)
+    host = jax.device_get(state)
+    count = int(host.count)
+    reset = spec.reset_interval is not None and count % spec.reset_interval == (
+        spec.reset_interval - 1)
+    before = _np_reset(host.inner_state) if reset else host.inner_state
+    leaves, treedef = jax.tree.flatten(grads)
+    moments = _np_second_moments(before, grads)
+    clipped_in, masks, definite, ambiguous, nonfinite, total = list(leaves), [], 0, 0, 0, 0
+    for i, (g, v) in enumerate(zip(leaves, moments)):
+        if not _is_float(g):
+            continue
+        g_np = np.asarray(g)
+        want, over, unsure, limit = _spike_reference(spec.theta, g_np, v, g.dtype)
+        clipped_in[i] = jnp.asarray(want.astype(g_np.dtype))
+        definite, ambiguous = definite + int(over.sum()), ambiguous + int(unsure.sum())
+        nonfinite += int((~np.isfinite(_wide(g_np))).sum())
+        total += g_np.size
+        masks.append((i, over, unsure, limit))
+    clipped_in = treedef.unflatten(clipped_in)
+    want_out, want_inner = inner_tx.update(clipped_in, jax.tree.map(jnp.asarray, before),
+                                           params, **extra)
+    old = host.spam
+    if spec.reset_interval is not None:
+        since = 0 if reset else int(old.steps_since_reset) + 1
+        resets = int(old.num_resets) + int(reset)
+    else:
+        since, resets = (int(old.steps_since_reset) + 1 if count > 0 else 0), int(old.num_resets)
+    scale = _np_warmup(since, spec.warmup_steps) if resets > 0 else 1.0
+    stats = jax.device_get(new_state.spam)
+    if not definite <= int(stats.num_clipped) <= definite + ambiguous:
+        _fail(name, "stats.num_clipped", f"{int(stats.num_clipped)} clipped, but the float64 "
+              f"reference clips {definite} (+{ambiguous} at the limit)")
+    if int(stats.num_nonfinite) != nonfinite:
+        _fail(name, "stats.num_nonfinite", f"{int(stats.num_nonfinite)}, expected {nonfinite}")
+    if (int(stats.steps_since_reset), int(stats.num_resets)) != (since, resets):
+        _fail(name, "stats", f"steps_since_reset/num_resets {int(stats.steps_since_reset)}/"
+              f"{int(stats.num_resets)}, expected {since}/{resets}")
+    if not math.isclose(float(stats.warmup_scale), scale, rel_tol=1e-6):
+        _fail(name, "stats.warmup_scale", f"{float(stats.warmup_scale)}, expected {scale}")
+    fraction = int(stats.num_clipped) / max(total, 1)
+    if not math.isclose(float(stats.clipped_fraction), fraction, rel_tol=1e-6, abs_tol=1e-12):
+        _fail(name, "stats.clipped_fraction", f"{float(stats.clipped_fraction)} != {fraction}")
+    if int(new_state.count) != min(count + 1, 2**31 - 1):
+        _fail(name, "state.count", "the step count did not advance by one")
+    _check_structure(name, want_out, out)
+    _compare_to_inner(name, out, want_out, scale, treedef, masks)
+    if ambiguous == 0:
+        _compare_trees(name, "inner_state", new_state.inner_state, want_inner)
+    if getattr(_combinators.unwrap(inner[0].update), "optaxclip_passes_updates", False):
+        _check_clipped_gradient(name, leaves, treedef.flatten_up_to(out), masks, scale)
+    return out, new_state
+
+
+def _tolerance(dtype: Any) -> float:
+    return 16 * _eps(jnp.finfo(dtype).dtype)
+
+
+def _compare_to_inner(name: str, out: Any, want_out: Any, scale: float, treedef: Any,
+                      masks: list) -> None:
+    out_leaves = jax.tree.leaves(out)
+    want_leaves = jax.tree.leaves(want_out)
+    unsure_at = {i: unsure for i, _, unsure, _ in masks}
+    grad_positions = [i for i, _, _, _ in masks]
+    float_outs = [k for k, x in enumerate(out_leaves) if _is_float(x)]
+    for k, (a, b) in enumerate(zip(out_leaves, want_leaves)):
+        if not _is_float(a):
+            continue
+        a64, b64 = _wide(np.asarray(a)), _wide(np.asarray(b))
+        b64 = b64 * scale if scale != 1 else b64  # (inf + 0j) * 1.0 is inf + nan j
+        tol = _tolerance(np.asarray(a).dtype)
+        near = np.isclose(a64, b64, rtol=tol, atol=tol * np.max(np.abs(b64[np.isfinite(b64)]),
+                          initial=0) + 1e-30, equal_nan=True) | (np.isinf(a64) & (a64 == b64))
+        if len(float_outs) == len(grad_positions):  # leaves line up with the gradients
+            unsure = unsure_at[grad_positions[float_outs.index(k)]]
+            if unsure.shape == near.shape:
+                near |= unsure
+        if not np.all(near):
+            _fail(name, "the updates", f"{a64[~near][:3]} differ from the inner optimizer's "
+                  f"update of the reference-clipped gradients {b64[~near][:3]}")
+
+
+def _compare_trees(name: str, where: str, got: Any, want: Any) -> None:
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        a_np, b_np = np.asarray(a), np.asarray(b)
+        if np.shape(a_np) != np.shape(b_np):
+            _fail(name, where, f"shape {np.shape(a_np)} differs from {np.shape(b_np)}")
+        if not _is_float(a_np):
+            if not np.array_equal(a_np, b_np):
+                _fail(name, where, f"{a_np} differs from the reference {b_np}")
+            continue
+        a64, b64 = _wide(a_np), _wide(b_np)
+        tol = _tolerance(a_np.dtype)
+        scale = np.max(np.abs(b64[np.isfinite(b64)]), initial=0)
+        if not np.allclose(a64, b64, rtol=tol, atol=tol * scale + 1e-30, equal_nan=True):
+            _fail(name, where, "the inner state differs from the inner optimizer run on the "
+                  "reference-clipped gradients")
+
+
+def _check_clipped_gradient(name: str, leaves: list, out_leaves: list, masks: list,
+                            scale: float) -> None:
+    """Direct checks on the clipped gradient (a pass-through inner optimizer)."""
+    for i, over, unsure, limit in masks:
+        g, o = np.asarray(leaves[i]), np.asarray(out_leaves[i])
+        g64, o64 = _wide(g), _wide(o)
+        if np.any(np.isnan(g64) & ~np.isnan(o64)):
+            _fail(name, f"leaf {i}", "a NaN coordinate must stay NaN")
+        bounded = ~np.isnan(g64) & np.isfinite(limit)
+        if np.any(bounded & (np.abs(o64) > limit * (1 + BOUND_RTOL))):
+            _fail(name, f"leaf {i}", f"|out| {np.abs(o64)[bounded].max()!r} is above "
+                  f"sqrt(theta v) {limit[bounded].max()!r}")
+        kept = ~over & ~unsure
+        if scale == 1.0 and np.any(kept & ~_same(g, o)):
+            _fail(name, f"leaf {i}", "a coordinate with g^2 <= theta v (or v = 0) was changed")
+        if not np.iscomplexobj(g64):
+            signed = ~np.isnan(g64) & (g64 != 0) & (o64 != 0)
+            if np.any(signed & (np.sign(o64) != np.sign(g64))):
+                _fail(name, f"leaf {i}", "clipping changed a coordinate's sign")
+        else:
+            turned = over & (np.abs(o64) > 0) & np.isfinite(g64)
+            cosine = np.real(o64 * np.conj(g64)) / np.where(turned, np.abs(o64 * g64), 1)
+            if np.any(turned & (cosine < 1 - 1e-3)):
+                _fail(name, f"leaf {i}", "clipping changed a complex coordinate's phase")
+        if np.any(over & np.isinf(g64) & ~np.isfinite(o64)):
+            _fail(name, f"leaf {i}", "an inf coordinate with v > 0 must be clipped to a "
+                  "finite value")

@@ -4,7 +4,7 @@ Cases are drawn by hypothesis from the product of dtypes (fp16, bf16, f32,
 complex64, mixed trees, f64 under x64), thresholds (0, the smallest normal,
 tiny, 1, huge, each dtype's max and above, inf; static, traced through
 ``inject_hyperparams`` and scheduled), gradient scales (0, subnormal, tiny, 1,
-large, near each dtype's max; one NaN/+inf/-inf entry), structures (one bare
+large, near each dtype's max, a norm beyond it; one NaN/+inf/-inf entry), structures (one bare
 leaf, many leaves, the empty tree, scalar and zero-size leaves, ``None`` /
 ``MaskedNode`` / integer leaves), execution (eager, jit, vmap, donated state,
 state restored as numpy arrays) and history (fresh, after warmup, after a huge
@@ -40,7 +40,7 @@ CLIPPERS = sorted(name for name, info in FACTORIES.items() if info.kind == "clip
 GUARDS = sorted(name for name, info in FACTORIES.items() if info.kind == "guard")
 
 DTYPES = ("float16", "bfloat16", "float32", "complex64", "mixed", "float64")
-SCALES = ("zero", "subnormal", "tiny", "one", "large", "near_max")
+SCALES = ("zero", "subnormal", "tiny", "one", "large", "near_max", "norm_overflows")
 NONFINITE = (None, "nan", "inf", "-inf")
 STRUCTURES = ("one_leaf", "many_leaves", "empty", "scalar_and_zero_size", "special_leaves")
 THRESHOLDS = ("zero", "smallest_normal", "tiny", "one", "huge", "dtype_max", "above_dtype_max",
@@ -101,6 +101,9 @@ def _scale_value(scale: str, dtype) -> float:
         "one": 1.0,
         "large": min(1e20, float(finfo.max) / 64),
         "near_max": float(finfo.max) / 4,
+        # Finite entries whose norm is above the accumulation dtype's largest value
+        # (float32, bf16 and complex64 leaves; fp16 accumulates in float32 and fits).
+        "norm_overflows": float(finfo.max) * 0.9,
     }[scale]
 
 
@@ -304,3 +307,48 @@ def test_checked_passes_every_clipper_on_finite_input(case, clipper):
         tx = oc.checked(build(info, limit, case["form"]))
         state = _history(tx, tree, params, case["history"], case["seed"], checked=True)
         contracts.assert_clip_contracts(tx, tree, state, params, mode="eager")
+
+
+# ---------------------------------------------------------------- moment clippers
+
+MOMENT_CLIPPERS = sorted(name for name, info in FACTORIES.items() if info.kind == "moment_clipper")
+THETAS = {"zero": 0.0, "small": 1e-3, "one": 1.0, "paper": 5000.0, "huge": 1e30,
+          "inf": math.inf}
+
+
+def _warm_tree(tree, seed: int, scale: float):
+    rng = np.random.default_rng(seed + 7)
+
+    def leaf(x):
+        if not contracts._is_float(x):
+            return x
+        values = rng.normal(size=x.shape) * scale
+        if jnp.issubdtype(x.dtype, jnp.complexfloating):
+            values = values + 1j * rng.normal(size=x.shape) * scale
+        return jnp.asarray(values, x.dtype)
+
+    return jax.tree.map(leaf, tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+@pytest.mark.parametrize("name", MOMENT_CLIPPERS)
+@settings(deadline=None)
+@given(case=case_strategy, theta=st.sampled_from(sorted(THETAS)),
+       inner=st.sampled_from(["probe", "adam"]), warm_steps=st.integers(0, 9))
+def test_moment_clipper_contracts(name, case, theta, inner, warm_steps):
+    """Bound, identity, signs, non-finite policy, stats, resets and warmup against numpy,
+    in every execution mode (donated and numpy-restored state included)."""
+    info = FACTORIES[name]
+    with _x64(case), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tree = make_tree(case["structure"], case["dtype"], case["scale"], case["nonfinite"],
+                         case["seed"])
+        params = weights_like(tree, case["seed"])
+        inner_tx = contracts.moment_probe() if inner == "probe" else optax.adam(0.1)
+        tx = info.build(THETAS[theta], inner=inner_tx)
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        for step in range(warm_steps):  # reset_interval 4: steps 4 and 8 reset the moments
+            _, state = update(_warm_tree(tree, case["seed"] + step, 1e-2), state, params)
+        if case["history"] == "after_huge" and warm_steps:
+            _, state = update(_warm_tree(tree, case["seed"], 1e15), state, params)
+        contracts.assert_moment_clip_contracts(tx, tree, state, params, mode=case["mode"])

@@ -296,3 +296,24 @@ def test_static_hyperparameters_under_inject_hyperparams_name_static_args():
         percentile=10.0, history=4, max_norm=2.0
     )
     tx.update(GRADS, tx.init(PARAMS))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("name", ["clip_by_norm", "clip_by_global_norm", "autoclip", "zclip",
+                                  "adagc", "adaptive_grad_clip", "clip_by_value"])
+def test_finite_gradients_whose_float32_norm_overflows_are_scaled_not_zeroed(name, jit):
+    """Entries of 3e38: finite, but their norm is above float32's largest value.
+
+    Under jit XLA rewrote the exact scale's two divisions, t / m / r, as t / (m * r),
+    and m * r is the overflowed norm: the clippers returned zeros for finite input.
+    """
+    grads = {"w": jnp.array([3e38, -3e38], jnp.float32), "c": jnp.array([3e38 + 2e38j],
+                                                                        jnp.complex64)}
+    params = jax.tree.map(jnp.ones_like, grads)
+    tx = oc.registered_factories()[name].build(1e3)
+    update = jax.jit(tx.update) if jit else tx.update
+    out, _ = update(grads, tx.init(params), params)
+    for leaf in jax.tree.leaves(out):
+        magnitude = np.abs(np.asarray(leaf, np.complex128))
+        assert np.all(np.isfinite(magnitude)) and np.all(magnitude > 1.0), (name, out)
+        assert np.all(magnitude <= 1e3 * (1 + 1e-6)), (name, out)

@@ -1,0 +1,376 @@
+"""Per-example clipping (DP-SGD): clip each example's gradient, then reduce the batch.
+
+``clip_per_example`` takes gradients with a leading example axis (``[B, ...]``
+leaves, as ``jax.vmap(jax.grad(loss), in_axes=(None, 0))`` gives), clips each
+example to ``max_norm`` by its global norm (or each of its layers to an equal
+share of it), and returns their mean or sum in the parameters' shapes, with
+optional Gaussian noise for DP-SGD. Chain it ahead of the optimizer like any
+gradient clipper::
+
+    tx = optax.chain(oc.clip_per_example(1.0, noise_multiplier=1.1), optax.adam(1e-3))
+    per_example_grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)
+    updates, state = tx.update(per_example_grads, state, params)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from optaxclip import _norms, _scaling, _state
+from optaxclip._registry import register_factory
+from optaxclip._validate import is_traced, validate_int, validate_real, validate_threshold
+
+Array = jax.Array
+
+__all__ = ["ClipPerExampleState", "PerExampleStats", "clip_per_example"]
+
+
+class PerExampleStats(NamedTuple):
+    """What ``clip_per_example`` did on its last update; ``optaxclip.stats`` reports it.
+
+    Attributes:
+      norm_max: the largest pre-clip per-example global norm (float32).
+      norm_median: the median pre-clip per-example global norm (float32).
+      clipped_fraction: the fraction of examples whose gradient was changed
+        (scale != 1; with ``per_layer``, any of its layers).
+      threshold: ``max_norm`` as used (a traced value after clamping at 0).
+      noise_std: the standard deviation of the noise added to each coordinate
+        of the *sum* (``noise_multiplier * max_norm``; 0 without noise).
+    """
+
+    norm_max: Array
+    norm_median: Array
+    clipped_fraction: Array
+    threshold: Array
+    noise_std: Array
+
+
+class ClipPerExampleState(NamedTuple):
+    """State of ``clip_per_example``.
+
+    Attributes:
+      count: number of updates so far (int32).
+      key: the noise PRNG key as raw ``uint32`` key data (``jax.random.key_data``),
+        so a checkpoint restores it as a plain array; split once per update.
+      stats: ``PerExampleStats`` of the last update.
+    """
+
+    count: Array
+    key: Array
+    stats: PerExampleStats
+
+
+_state.register_report(PerExampleStats, "clip_per_example", PerExampleStats._fields)
+
+Reduce = Literal["mean", "sum"]
+
+
+# ---------------------------------------------------------------- norms and scales
+
+
+def _example_scales(
+    leaves: list[Array], threshold: Array, per_layer: bool
+) -> tuple[Array, list[Array], Array]:
+    """``(global norms [B], per-leaf scales [B] each, example clipped [B])``."""
+    if not per_layer:
+        norms = _norms.batched_global_norm(leaves)
+        scale, _ = _scaling.scale_factor(norms, threshold)
+        # A norm past float32's range from finite entries (near 3.4e38) is inf; its
+        # exact scale comes from the example's largest entry. The cond keeps that
+        # second read off the usual path.
+        overflowed = jnp.isposinf(norms)
+        scale = lax.cond(jnp.any(overflowed), _rescued_scales, lambda *a: a[0],
+                         scale, leaves, threshold, overflowed)
+        return norms, [scale] * len(leaves), scale != 1
+    rows = [x.reshape(x.shape[0], -1) for x in leaves]  # a reshape, not a copy
+    parts = _norms.unit_norm_parts(rows, 2.0, [(1,)] * len(rows))
+    share = threshold / math.sqrt(len(leaves))
+    # One [L, B] computation for every layer's scale instead of L small ones.
+    acc = jnp.result_type(*[root.dtype for root, _ in parts])
+    roots = jnp.stack([root.astype(acc) for root, _ in parts])
+    multipliers = jnp.stack([multiplier.astype(acc) for _, multiplier in parts])
+    layer_norms = _norms._norm(roots, multipliers)
+    table = _parts_scale(layer_norms, roots, multipliers, share)
+    norms = jnp.sqrt(jnp.sum(jnp.square(layer_norms.astype(jnp.float32)), axis=0))
+    clipped = jnp.any(table != 1, axis=0)
+    scales = list(table)
+    return norms, scales, clipped
+
+
+def _parts_scale(norm: Array, root: Array, multiplier: Array, threshold: Array) -> Array:
+    """``min(1, threshold / norm)``, exact from the parts where ``norm`` overflowed."""
+    scale, _ = _scaling.scale_factor(norm, threshold.astype(norm.dtype))
+    overflowed = jnp.isposinf(norm) & jnp.isfinite(root) & jnp.isfinite(multiplier) & (root > 0)
+    # The multiplier is a power of two (ord 2), so its inverse is exact; written
+    # as a product, XLA cannot fold the two divisions into one by the overflowed
+    # ``multiplier * root``.
+    inverse = 1 / jnp.where(overflowed, multiplier, 1)
+    exact = jnp.minimum(threshold * inverse / jnp.where(overflowed, root, 1), 1)
+    return jnp.where(overflowed, exact.astype(scale.dtype), scale)
+
+
+def _rescued_scales(scale: Array, leaves: list[Array], threshold: Array,
+                    overflowed: Array) -> Array:
+    """Scales of overflowed examples from ``norm = 2^k ||g 2^-k||``.
+
+    A norm that overflows from finite entries has every entry below 2^128, so
+    scaled by 2^-80 (exact, and not subnormal as ``1 / largest`` can be, which
+    XLA:CPU flushes to zero) their squares sum without overflow.
+    """
+    acc = _norms._widest(leaves)
+    factor = 2.0 ** -_norms._rescue_exponent(acc)
+    root = _norms.batched_global_norm([_norms._multiplied(x, factor, acc) for x in leaves])
+    usable = jnp.isfinite(root) & (root > 0)
+    exact = jnp.minimum(threshold * factor / jnp.where(usable, root, 1), 1)
+    return jnp.where(overflowed & usable, exact.astype(scale.dtype), scale)
+
+
+# ---------------------------------------------------------------- reducing
+
+
+def _reduce(x: Array, scale: Array, noise: Array | None, divisor: int) -> Array:
+    """``(sum_b scale_b x_b + noise) / divisor`` in float32 or wider, in ``x``'s dtype.
+
+    Narrow dtypes are rounded toward zero, so rounding never pushes the result
+    past the bound that holds in float32.
+    """
+    acc = jnp.promote_types(x.dtype, _norms.accumulation_dtype(x.dtype))
+    # A contraction, not jnp.sum(x * scale, axis=0): XLA:CPU reduces over the
+    # major axis about 100x slower than it runs the dot (measured in
+    # benchmarks/per_example.py).
+    total = jnp.tensordot(scale.astype(_norms.accumulation_dtype(acc)), x.astype(acc), axes=1,
+                          precision=lax.Precision.HIGHEST)
+    if noise is not None:
+        total = total + noise.astype(acc)
+    if divisor != 1:
+        total = total / divisor
+    if acc != x.dtype and not jnp.iscomplexobj(x):
+        return _scaling._toward_zero(total, x.dtype)
+    return total.astype(x.dtype)
+
+
+def _noise(key: Array, leaves: list[Array], std: Array) -> list[Array]:
+    keys = jax.random.split(key, max(len(leaves), 1))
+    out = []
+    for k, x in zip(keys, leaves):
+        shape = x.shape[1:]
+        acc = _norms.accumulation_dtype(x.dtype)
+        real_dtype = jnp.finfo(acc).dtype
+        if jnp.iscomplexobj(x):
+            re, im = jax.random.normal(k, (2,) + shape, real_dtype)
+            out.append(lax.complex(re, im) * std.astype(real_dtype))
+        else:
+            out.append(jax.random.normal(k, shape, real_dtype) * std.astype(real_dtype))
+    return out
+
+
+def _as_key(key: Any) -> Array:
+    """A typed PRNG key from a typed key or raw ``uint32`` key data (as checkpoints hold)."""
+    key = jnp.asarray(key) if not hasattr(key, "dtype") else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
+
+
+def _first_example(x: Any) -> Any:
+    """A non-float leaf without its example axis: its first example (zeros if none)."""
+    if not hasattr(x, "shape") or len(x.shape) == 0:
+        return x
+    if x.shape[0] == 0:
+        return np.zeros(x.shape[1:], x.dtype)
+    return x[0]
+
+
+# ---------------------------------------------------------------- the transformation
+
+
+@register_factory(kind="per_example", threshold="max_norm")
+def clip_per_example(
+    max_norm: float | Array,
+    *,
+    reduce: Reduce = "mean",
+    per_layer: bool = False,
+    noise_multiplier: float = 0.0,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Clips each example's gradient to ``max_norm``, then returns the batch mean or sum.
+
+    ``out = (sum_b g_b * min(1, C / ||g_b||) + N(0, (sigma C)^2 I)) / B`` for
+    ``reduce="mean"`` (no ``/ B`` for ``"sum"``), with ``g_b`` example ``b``'s
+    gradients (index ``b`` of the leading axis of every leaf), ``||.||`` their
+    global 2-norm, ``C = max_norm`` and ``sigma = noise_multiplier``. With
+    ``per_layer=True`` each of the ``L`` float leaves of an example is clipped
+    on its own to ``C / sqrt(L)``, so the example's global norm is still at most
+    ``C``. Norms come from ``batched_global_norm``: one read of the gradients on
+    the usual path, float32 accumulation, overflow-safe; the weighted sum is a
+    second read.
+
+    Equivalents: ``optax.per_example_global_norm_clip`` (sum only, returns a
+    clip count instead of a transformation) and, with ``per_layer=True``,
+    ``optax.per_example_layer_norm_clip(uniform=True)``; Opacus' flat (and
+    per-layer) clipping; jax_privacy's ``clip_pytree`` with a sum. No Keras
+    built-in.
+
+    **Sensitivity** (for DP accounting): the clipped sum ``sum_b clip(g_b)``
+    has L2 sensitivity ``C`` when one example is added or removed (``2C`` when
+    one is replaced), also with ``per_layer``. The noise has standard deviation
+    ``sigma C`` per coordinate of the sum, so ``sigma`` is the noise multiplier
+    of the Gaussian mechanism. ``"mean"`` divides the noisy sum by the batch
+    size ``B`` of the call, treated as public; with Poisson sampling use
+    ``"sum"`` and divide by the expected batch size yourself. A traced
+    ``max_norm`` is used as given (clamped at 0): keep it data-independent.
+    Complex leaves get independent noise of that deviation in their real and
+    imaginary parts. Privacy accounting itself is not done here.
+
+    Noise key: the state holds a PRNG key (from ``seed``) that is split on
+    every update, so a restored checkpoint continues the same noise stream. Or
+    pass ``tx.update(grads, state, params, noise_key=key)`` to supply it; the
+    state's key is then left unchanged.
+
+    Formal guarantees:
+      * for finite input, every clipped example has global norm
+        ``<= C * (1 + 1e-6)`` (each layer ``<= C / sqrt(L)`` with
+        ``per_layer``), so without noise ``||out|| <= C`` (mean) or ``<= B C``
+        (sum), up to float32 rounding of the sum;
+      * an example at or under ``C`` enters the sum unscaled (scale exactly 1);
+        clipping only rescales an example (each layer with ``per_layer``),
+        never changing its direction;
+      * the output has the parameters' structure, shapes and dtypes: each
+        float leaf ``[B, ...]`` becomes ``[...]``; the sum is taken in float32
+        (or wider) and rounded toward zero for bf16/fp16;
+      * norms in float32 or wider; a finite example whose norm overflows
+        float32 still gets its exact scale (its largest entry is divided out,
+        a second read only in that case);
+      * no host callback; the state is arrays only (the key as ``uint32``).
+
+    Edge cases:
+
+      ==============================  ==========================================
+      input                           output
+      ==============================  ==========================================
+      zero gradients                  zeros (plus noise); finite ``jax.grad``
+      ``max_norm = 0``                zeros (noise std 0)
+      ``max_norm = inf``              plain mean / sum of the examples
+      NaN / inf in an example         every entry NaN; ``norm_max`` NaN / inf
+      ``B = 0`` (no examples)         zeros (plus noise for ``"sum"``)
+      bf16 / fp16 gradients           norms and sum in float32, rounded down
+      ``None`` / ``MaskedNode``       passed through
+      integer / ``float0`` leaf       its first example, untouched
+      negative / NaN static value     ``ValueError`` naming the argument
+      noise with ``max_norm = inf``   ``ValueError`` (unbounded sensitivity)
+      ==============================  ==========================================
+
+    Args:
+      max_norm: ``C``, the largest global L2 norm an example keeps: a float or
+        a scalar array (traced values are clamped at 0).
+      reduce: ``"mean"`` (default) or ``"sum"`` over the examples.
+      per_layer: clip each float leaf of an example to ``C / sqrt(L)`` instead
+        of the whole example to ``C``.
+      noise_multiplier: ``sigma >= 0``; the Gaussian noise added to the sum
+        has standard deviation ``sigma * C``. 0 (default) adds none.
+      seed: seeds the noise key kept in the state.
+
+    Returns:
+      The transformation; ``init(params)`` takes the parameters (no example
+      axis), ``update(per_example_grads, state, params=None, noise_key=None)``
+      returns updates shaped like the parameters. Its state is
+      ``ClipPerExampleState(count, key, stats)``; ``oc.stats`` reports
+      ``clip_per_example/norm_max``, ``/norm_median``, ``/clipped_fraction``,
+      ``/threshold`` and ``/noise_std``.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> tx = oc.clip_per_example(1.0, reduce="sum")
+      >>> grads = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}  # norms 5 and 0.5
+      >>> out, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+      >>> out["w"].tolist()
+      [0.9000000357627869, 1.2000000476837158]
+      >>> float(oc.stats(state)["clip_per_example/clipped_fraction"])
+      0.5
+
+    References:
+      Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar and Zhang, "Deep
+      Learning with Differential Privacy", CCS 2016 (per-example clipping and
+      the Gaussian noise of DP-SGD).
+      McMahan, Ramage, Talwar and Zhang, "Learning Differentially Private
+      Recurrent Language Models", ICLR 2018 (per-layer clipping).
+    """
+    validate_threshold(max_norm, "max_norm")
+    if callable(max_norm) and not hasattr(max_norm, "dtype"):
+        raise ValueError("max_norm must be a number or a scalar array, not a schedule.")
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum'; got {reduce!r}.")
+    if not isinstance(per_layer, bool):
+        raise ValueError(f"per_layer must be a bool; got {per_layer!r}.")
+    noise_multiplier = validate_real(
+        noise_multiplier, "noise_multiplier", low=0.0, high=math.inf, high_open=True,
+        hint="Use noise_multiplier=0.0 for no noise.",
+    )
+    if noise_multiplier > 0 and not is_traced(max_norm) and not hasattr(max_norm, "dtype") and (
+        not math.isfinite(float(max_norm))
+    ):
+        raise ValueError(
+            "noise_multiplier > 0 needs a finite max_norm: the noise is scaled by the "
+            f"sensitivity max_norm, and max_norm={max_norm!r} bounds nothing."
+        )
+    seed = validate_int(seed, "seed", minimum=-(2**63))
+
+    def init_fn(params: Any) -> ClipPerExampleState:
+        del params
+        zero = jnp.zeros([], jnp.float32)
+        stats = PerExampleStats(zero, zero, zero, zero, zero)
+        key = jax.random.key_data(jax.random.key(seed))
+        return ClipPerExampleState(jnp.zeros([], jnp.int32), key, stats)
+
+    def update_fn(updates: Any, state: ClipPerExampleState, params: Any = None,
+                  noise_key: Any = None, **extra_args: Any):
+        del params, extra_args
+        state = jax.tree.map(jnp.asarray, state)
+        leaves, treedef = jax.tree.flatten(updates)
+        positions = [i for i, x in enumerate(leaves) if _norms.is_float_leaf(x)]
+        arrays = [jnp.asarray(leaves[i]) for i in positions]
+        sizes = {jnp.shape(x)[0] for x in leaves if jnp.ndim(x) > 0}
+        if any(jnp.ndim(x) == 0 for x in arrays) or len(sizes) > 1:
+            raise ValueError(
+                "clip_per_example expects every leaf to have the same leading example axis "
+                f"[B, ...]; got shapes {[jnp.shape(x) for x in leaves]}. Compute per-example "
+                "gradients with jax.vmap(jax.grad(loss), in_axes=(None, 0))."
+            )
+        batch = sizes.pop() if sizes else 0
+        threshold = jnp.maximum(jnp.asarray(max_norm, jnp.float32), 0)
+        threshold = jnp.where(jnp.isnan(jnp.asarray(max_norm, jnp.float32)), jnp.nan, threshold)
+        if arrays and batch > 0:
+            norms, scales, clipped = _example_scales(arrays, threshold, per_layer)
+            norm_max, norm_median = jnp.max(norms), jnp.median(norms)
+            fraction = jnp.mean(clipped.astype(jnp.float32))
+        else:
+            scales = [jnp.ones([batch], jnp.float32) for _ in arrays]
+            norm_max = norm_median = fraction = jnp.zeros([], jnp.float32)
+        key = state.key
+        if noise_multiplier > 0:
+            if noise_key is None:
+                key, sub = jax.random.split(_as_key(key))
+                key = jax.random.key_data(key)
+            else:
+                sub = _as_key(noise_key)
+            std = (noise_multiplier * threshold).astype(jnp.float32)
+            noises: list[Any] = _noise(sub, arrays, std)
+        else:
+            std, noises = jnp.zeros([], jnp.float32), [None] * len(arrays)
+        divisor = max(batch, 1) if reduce == "mean" else 1
+        out = [_first_example(x) for x in leaves]
+        for i, x, s, n in zip(positions, arrays, scales, noises):
+            out[i] = _reduce(x, s, n, divisor)
+        stats = PerExampleStats(norm_max.astype(jnp.float32), norm_median.astype(jnp.float32),
+                                fraction, threshold, std)
+        return treedef.unflatten(out), ClipPerExampleState(
+            optax.safe_increment(state.count), key, stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,384 @@
+"""SPAM-style spike clipping: each coordinate against Adam's own second moment.
+
+``spam(inner)`` wraps an Adam-like optimizer. Before the inner update it reads
+the second moment ``v`` the inner optimizer keeps (``nu`` of its
+``ScaleByAdamState``) and clips each gradient coordinate whose square exceeds
+``theta * v`` to ``sign(g) * sqrt(theta * v)``; optionally it resets the
+moments every ``reset_interval`` steps and warms the update back up, as SPAM
+does (Huang et al., ICLR 2025).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaxclip import _norms, _scaling, _spec, _state
+from optaxclip._clipper import round_down
+from optaxclip._registry import register_factory
+from optaxclip._validate import validate_int, validate_real
+
+Array = jax.Array
+
+__all__ = ["SpamSpec", "SpamState", "SpamStats", "clip_spikes", "spam"]
+
+# The attribute of spam's update function that carries its hyperparameters, so
+# that contract checks reproduce a step without reading closures.
+SPEC_ATTRIBUTE = "optaxclip_moment_clip"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpamSpec:
+    """``spam``'s static description: its spike threshold and reset schedule."""
+
+    theta: float
+    reset_interval: int | None
+    warmup_steps: int
+
+
+class SpamStats(NamedTuple):
+    """What ``spam`` did on its last update; ``optaxclip.stats`` reports it.
+
+    Attributes:
+      num_clipped: coordinates clipped (``g^2 > theta v`` with ``v > 0``).
+      clipped_fraction: ``num_clipped`` over the number of float coordinates.
+      num_nonfinite: NaN / inf gradient coordinates seen (NaN ones are passed on).
+      steps_since_reset: steps since the last moment reset (0 on a reset step;
+        steps since the start before the first reset).
+      num_resets: moment resets so far.
+      warmup_scale: the factor the inner update was multiplied by (1 outside
+        the warmup after a reset).
+    """
+
+    num_clipped: Array
+    clipped_fraction: Array
+    num_nonfinite: Array
+    steps_since_reset: Array
+    num_resets: Array
+    warmup_scale: Array
+
+
+class SpamState(NamedTuple):
+    """State of ``spam``: the inner optimizer's state, the step count and the stats."""
+
+    inner_state: Any
+    count: Array
+    spam: SpamStats
+
+
+_state.register_report(SpamStats, "spam", (
+    "clipped_fraction", "num_clipped", "num_nonfinite", "steps_since_reset", "warmup_scale"
+))
+
+
+# ---------------------------------------------------------------- the second moment
+
+
+def is_moment_node(node: Any) -> bool:
+    """A ``NamedTuple`` state with a ``nu`` field (``ScaleByAdamState`` and kin)."""
+    return hasattr(node, "_fields") and "nu" in node._fields
+
+
+def moment_nodes(inner_state: Any) -> list[Any]:
+    """Every node of the inner state that keeps a second moment ``nu``, in tree order."""
+    return [n for n in jax.tree.leaves(inner_state, is_leaf=is_moment_node) if is_moment_node(n)]
+
+
+def second_moments(inner_state: Any, updates: Any) -> list[Array | None]:
+    """For each leaf of ``updates``, the ``nu`` of the first moment node holding one
+    of the same shape (None: no second moment for that leaf)."""
+    leaves, treedef = jax.tree.flatten(updates)
+    found: list[Array | None] = [None] * len(leaves)
+    for node in moment_nodes(inner_state):
+        try:
+            nu_leaves = treedef.flatten_up_to(node.nu)
+        except (ValueError, TypeError):
+            continue  # a moment over other parameters
+        for i, (g, v) in enumerate(zip(leaves, nu_leaves)):
+            if found[i] is None and _norms.is_float_leaf(g) and hasattr(v, "shape") and (
+                jnp.shape(v) == jnp.shape(g)
+            ):
+                found[i] = v
+    return found
+
+
+def _missing_moment_error(inner_state: Any, detail: str) -> ValueError:
+    return ValueError(
+        f"spam(inner) clips each gradient coordinate against the second moment `nu` that "
+        f"an Adam-like inner optimizer keeps, but {detail} (its state is "
+        f"{type(inner_state).__name__}). Fix: wrap an Adam-family optimizer, e.g. "
+        f"oc.spam(optax.adam(1e-3)) or oc.spam(optax.adamw(1e-3)); for SGD or momentum, "
+        f"use a gradient clipper such as optax.chain(oc.zclip(), optax.sgd(...))."
+    )
+
+
+def _check_moments(inner_state: Any, params: Any) -> None:
+    if not moment_nodes(inner_state):
+        raise _missing_moment_error(inner_state, "the inner state keeps no `nu`")
+    floats = [x for x in jax.tree.leaves(params) if _norms.is_float_leaf(x)]
+    if floats and all(v is None for v in second_moments(inner_state, params)):
+        raise _missing_moment_error(
+            inner_state, "no `nu` in the inner state is shaped like the parameters"
+        )
+
+
+# ---------------------------------------------------------------- clipping
+
+
+def clip_spikes(
+    updates: Any, moments: list[Array | None], theta: float
+) -> tuple[Any, Array, Array]:
+    """``updates`` with every coordinate where ``g^2 > theta v`` (and ``v > 0``) set to
+    ``sign(g) sqrt(theta v)``; returns ``(clipped, num_clipped, num_nonfinite)``.
+
+    The test is ``|g| > sqrt(theta) sqrt(v)`` in float32 or wider, so neither
+    ``g^2`` nor ``theta v`` can overflow. The limit is rounded down to the leaf's
+    dtype, so the bound holds exactly in bf16/fp16. Complex coordinates are
+    compared by their modulus and set to their phase times the limit.
+    Coordinates at or under the limit, and every coordinate of a leaf without a
+    second moment, come back bit-identical.
+    """
+    leaves, treedef = jax.tree.flatten(updates)
+    root_theta = math.sqrt(theta)
+    out = list(leaves)
+    num_clipped = jnp.zeros([], jnp.int32)
+    num_nonfinite = jnp.zeros([], jnp.int32)
+    for i, (g, v) in enumerate(zip(leaves, moments)):
+        if not _norms.is_float_leaf(g):
+            continue
+        g = jnp.asarray(g)
+        acc = _norms.accumulation_dtype(g.dtype)
+        num_nonfinite += jnp.sum(~jnp.isfinite(g)).astype(jnp.int32)
+        if v is None:
+            continue
+        magnitude = _norms._magnitude(g, acc)
+        second = jnp.abs(jnp.real(jnp.asarray(v))).astype(acc)
+        limit = jnp.asarray(root_theta, acc) * jnp.sqrt(second)
+        over = (second > 0) & (magnitude > limit)
+        num_clipped += jnp.sum(over).astype(jnp.int32)
+        if jnp.iscomplexobj(g):
+            # The unit phase first, then the limit: limit / |g| could be subnormal.
+            wide = g.astype(jnp.promote_types(g.dtype, jnp.complex64))
+            phase = wide / jnp.where(over, magnitude, 1).astype(wide.dtype)
+            out[i] = jnp.where(over, (phase * limit.astype(wide.dtype)).astype(g.dtype), g)
+        else:
+            capped = round_down(jnp.where(over, limit, 0), g.dtype)
+            out[i] = jnp.where(over, jnp.sign(g) * capped, g)
+    return treedef.unflatten(out), num_clipped, num_nonfinite
+
+
+def _reset_moments(inner_state: Any, now: Array) -> Any:
+    """Every moment node's fields but ``count`` zeroed where ``now`` (mu, nu, nu_max ...)."""
+
+    def reset(node: Any) -> Any:
+        if not is_moment_node(node):
+            return node
+        zeroed = {
+            field: jax.tree.map(
+                lambda x: jnp.where(now, jnp.zeros_like(x), x) if _norms.is_float_leaf(x) else x,
+                getattr(node, field),
+            )
+            for field in node._fields if field != "count"
+        }
+        return node._replace(**zeroed)
+
+    return jax.tree.map(reset, inner_state, is_leaf=is_moment_node)
+
+
+def warmup_factor(steps_since_reset: Array, warmup_steps: int) -> Array:
+    """The cosine ramp after a reset: 0.01 on the reset step, rising to 1 at ``warmup_steps``.
+
+    ``1 - 0.99 (1 + cos(pi k / (N + 1))) / 2`` for ``k < N``, else 1; the
+    authors' schedule (a cosine decay of 0.99 over ``N + 1`` steps, subtracted
+    from 1).
+    """
+    if warmup_steps == 0:
+        return jnp.ones([], jnp.float32)
+    k = steps_since_reset.astype(jnp.float32)
+    ramp = 1 - 0.99 * (1 + jnp.cos(jnp.pi * k / (warmup_steps + 1))) / 2
+    return jnp.where(steps_since_reset < warmup_steps, ramp, 1.0).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------- the transformation
+
+
+def _check_inner(inner: Any) -> optax.GradientTransformationExtraArgs:
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        hint = " It looks like a factory: call it, e.g. oc.spam(optax.adam(1e-3))." if callable(
+            inner) else ""
+        raise TypeError(
+            f"spam: inner must be an Adam-like optax.GradientTransformation, e.g. "
+            f"optax.adam(1e-3); got {type(inner).__name__}.{hint}"
+        )
+    return optax.with_extra_args_support(inner)
+
+
+@register_factory(kind="moment_clipper", threshold="theta",
+                  test_kwargs={"reset_interval": 4, "warmup_steps": 2})
+def spam(
+    inner: optax.GradientTransformation,
+    *,
+    theta: float = 5000.0,
+    reset_interval: int | None = None,
+    warmup_steps: int = 150,
+) -> optax.GradientTransformationExtraArgs:
+    """SPAM's spike-aware clipping (and optional momentum reset) around an Adam-like optimizer.
+
+    ``g_i <- sign(g_i) sqrt(theta v_i)`` where ``g_i^2 > theta v_i``, with ``v``
+    the inner optimizer's second moment *before* this step (``nu``, the raw EMA
+    of squared gradients, not bias-corrected, as in the paper); then the inner
+    update runs on the clipped gradients, so its moments only see them.
+
+    Where ``v`` comes from: for each gradient leaf, the ``nu`` of the first
+    node of the inner state (in tree order) that has a ``nu`` field and an
+    array of that leaf's shape: ``ScaleByAdamState`` (``adam``, ``adamw``,
+    ``nadam``), ``ScaleByAmsgradState``, ``ScaleByRmsState``, and one Adam per
+    group inside ``optax.partition``. Construction cannot see the state;
+    ``init`` raises ``ValueError`` naming the fix when the inner optimizer keeps
+    no ``nu`` (SGD, momentum, Lion, Adafactor's factored moments).
+
+    Decisions:
+
+    * *First step*: where ``v`` is 0 (the first step, the step right after a
+      reset, a coordinate whose gradients were always 0) nothing is clipped:
+      there is no scale to compare with. The authors' code also waits 20 steps
+      after the start and after each reset before clipping; this one clips as
+      soon as ``v > 0``.
+    * *Momentum reset* (``reset_interval = T``): before the update of steps
+      ``T, 2T, ...`` (counting from 1) every field but ``count`` of every such
+      moment node is zeroed: ``mu`` and ``nu`` (and ``nu_max`` of amsgrad). As in
+      the authors' code the inner ``count``, hence Adam's bias correction, is
+      *not* reset, so the first steps after a reset would be up to
+      ``(1 - b1) / sqrt(1 - b2)`` (3.2x) larger than usual; the paper's cosine
+      warmup covers them: the inner update is multiplied by
+      ``1 - 0.99 (1 + cos(pi k / (N + 1))) / 2`` on the ``k``-th step after the
+      reset (``k = 0`` on the reset step, 0.01), for ``k < N = warmup_steps``.
+      No warmup happens before the first reset. The factor multiplies the whole
+      inner update, decoupled weight decay included.
+    * *Non-finite gradients*: a NaN coordinate is passed on as NaN (the inner
+      moments then hold NaN, as without the wrapper); an inf coordinate with
+      ``v > 0`` is a spike and is clipped to ``+-sqrt(theta v)``, as
+      ``clip_by_value`` clips inf entries; with ``v = 0`` it is passed on. The
+      stats count them (``num_nonfinite``). Wrap it to drop such steps:
+      ``oc.skip_nonfinite(oc.spam(optax.adam(lr)))``.
+
+    Equivalents: ``SPAM`` of the authors' PyTorch code (``threshold=5000``,
+    ``DeltaT=500``, ``warmup_steps=150``; its sparse-momentum ``density`` option
+    is not implemented). No Keras, PyTorch or optax built-in.
+
+    Formal guarantees:
+      * for finite input, every coordinate passed to the inner optimizer has
+        ``|g_i| <= sqrt(theta v_i)`` where ``v_i > 0``, exactly in the leaf's
+        dtype (the limit is rounded down), and its sign kept; complex
+        coordinates keep their phase;
+      * a coordinate with ``g_i^2 <= theta v_i``, or with ``v_i = 0``, reaches
+        the inner optimizer bit-identical; with ``reset_interval=None`` a step
+        without spikes computes exactly the inner update (bit-identical
+        eagerly; under ``jit`` XLA may fuse it differently, within an ulp);
+      * the test is ``|g| > sqrt(theta) sqrt(v)`` in float32 or wider, so
+        neither ``g^2`` (``1e20`` in float32) nor ``theta v`` overflows;
+      * the state is the inner state, a step count and the stats: arrays only,
+        no host callback; the stats are counts computed in the same pass.
+
+    Edge cases:
+
+      ===========================  ============================================
+      input                        output
+      ===========================  ============================================
+      first step (``v = 0``)       the inner update of the raw gradients
+      zero gradients               the inner update of zeros; nothing clipped
+      ``theta = 0``                every coordinate with ``v > 0`` set to 0
+      ``theta = inf``              never clips (the inner update)
+      NaN coordinate               passed on as NaN; counted
+      inf coordinate, ``v > 0``    clipped to ``+-sqrt(theta v)``; counted
+      bf16 / fp16 gradients        compared in float32; the limit rounded down
+      inner state without ``nu``   ``ValueError`` at ``init`` naming the fix
+      invalid static argument      ``ValueError`` naming it
+      ===========================  ============================================
+
+    Args:
+      inner: an Adam-like optimizer, e.g. ``optax.adam(1e-3)`` or a chain that
+        contains ``optax.scale_by_adam()``.
+      theta: the spike threshold on ``g^2 / v`` (>= 0); the paper's 5000.
+      reset_interval: reset the moments every this many steps (>= 1); None
+        (default) never resets. The paper uses 500.
+      warmup_steps: length of the cosine warmup after each reset (>= 0); the
+        paper's 150.
+
+    Returns:
+      The wrapped optimizer; its state is ``SpamState(inner_state, count, spam)``
+      and ``oc.stats`` reports ``spam/clipped_fraction``, ``spam/num_clipped``,
+      ``spam/num_nonfinite``, ``spam/steps_since_reset`` and
+      ``spam/warmup_scale``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optaxclip as oc
+      >>> tx = oc.spam(optax.adam(0.1), theta=2000.0)
+      >>> state = tx.init(jnp.zeros(3))
+      >>> _, state = tx.update(jnp.array([1.0, 1.0, 1.0]), state)  # now v = 0.001
+      >>> _, state = tx.update(jnp.array([1.0, 50.0, -50.0]), state)  # limit sqrt(2)
+      >>> adam = state.inner_state[0]  # mu = 0.9 * 0.1 + 0.1 * clipped g
+      >>> [round(float(m), 4) for m in adam.mu]
+      [0.19, 0.2314, -0.0514]
+      >>> int(oc.stats(state)["spam/num_clipped"])
+      2
+
+    References:
+      Huang, Zhu, Jin, Liu, Wang and Liu, "SPAM: Spike-Aware Adam with Momentum
+      Reset for Stable LLM Training", ICLR 2025.
+    """
+    theta = validate_real(theta, "theta", low=0.0, high=math.inf,
+                          hint="The paper uses theta=5000.")
+    if reset_interval is not None:
+        reset_interval = validate_int(reset_interval, "reset_interval")
+    warmup_steps = validate_int(warmup_steps, "warmup_steps", minimum=0)
+    spec = SpamSpec(theta=theta, reset_interval=reset_interval, warmup_steps=warmup_steps)
+    inner = _check_inner(inner)
+
+    def init_fn(params: Any) -> SpamState:
+        inner_state = inner.init(params)
+        _check_moments(inner_state, params)
+        zero = jnp.zeros([], jnp.int32)
+        state = SpamState(
+            inner_state=inner_state,
+            count=zero,
+            spam=SpamStats(zero, jnp.zeros([], jnp.float32), zero, zero, zero,
+                           jnp.ones([], jnp.float32)),
+        )
+        return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+
+    def update_fn(updates: Any, state: SpamState, params: Any = None, **extra_args: Any):
+        state = jax.tree.map(jnp.asarray, state)
+        inner_state, stats = state.inner_state, state.spam
+        if reset_interval is not None:
+            # Steps reset_interval, 2 reset_interval, ... (from 1); no overflow near 2^31.
+            now = state.count % reset_interval == reset_interval - 1
+            inner_state = _reset_moments(inner_state, now)
+            since = jnp.where(now, 0, optax.safe_increment(stats.steps_since_reset))
+            resets = jnp.where(now, optax.safe_increment(stats.num_resets), stats.num_resets)
+            scale = jnp.where(resets > 0, warmup_factor(since, warmup_steps), 1.0)
+        else:
+            since = jnp.where(state.count > 0, optax.safe_increment(stats.steps_since_reset), 0)
+            resets, scale = stats.num_resets, jnp.ones([], jnp.float32)
+        if not moment_nodes(inner_state):
+            raise _missing_moment_error(inner_state, "the inner state keeps no `nu`")
+        moments = second_moments(inner_state, updates)
+        clipped, num_clipped, num_nonfinite = clip_spikes(updates, moments, theta)
+        inner_updates, new_inner = inner.update(clipped, inner_state, params, **extra_args)
+        out = jax.tree.map(lambda u: _scaling.apply_scale(u, scale), inner_updates)
+        total = sum(jnp.size(g) for g in jax.tree.leaves(updates) if _norms.is_float_leaf(g))
+        fraction = num_clipped.astype(jnp.float32) / max(total, 1)
+        new_stats = SpamStats(num_clipped, fraction, num_nonfinite, since.astype(jnp.int32),
+                              resets.astype(jnp.int32), scale.astype(jnp.float32))
+        return out, SpamState(new_inner, optax.safe_increment(state.count), new_stats)
+
+    remake = lambda new_inner: spam(new_inner, theta=theta, reset_interval=reset_interval,
+                                    warmup_steps=warmup_steps)
+    update_fn = _spec.attach_inner(update_fn, inner, "inner_state", name="spam", remake=remake)
+    setattr(update_fn, SPEC_ATTRIBUTE, spec)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

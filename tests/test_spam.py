@@ -1,0 +1,167 @@
+"""spam: a whole SPAM + Adam run against float64 numpy, state handling, errors, ordering.
+
+The per-step contracts (bound, identity, signs, non-finite policy, stats) over
+dtypes, structures and execution modes are in the contract matrix
+(tests/test_contracts.py, ``test_moment_clipper_contracts``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optaxclip as oc
+
+pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+
+LR, B1, B2, EPS = 0.01, 0.9, 0.999, 1e-8
+
+
+def _numpy_spam_adam(grads, theta, reset_interval=None, warmup_steps=0):
+    """SPAM around Adam in float64: updates and clipped counts per step."""
+    m = np.zeros_like(grads[0], np.float64)
+    v = np.zeros_like(m)
+    since, resets, outs, counts = 0, 0, [], []
+    for step, g in enumerate(grads):
+        g = np.asarray(g, np.float64)
+        reset = reset_interval is not None and step % reset_interval == reset_interval - 1
+        if reset:
+            m, v = np.zeros_like(m), np.zeros_like(v)
+            since, resets = 0, resets + 1
+        elif step > 0:
+            since += 1
+        limit = np.sqrt(theta * v)
+        over = (v > 0) & (np.abs(g) > limit)
+        g = np.where(over, np.sign(g) * limit, g)
+        counts.append(int(over.sum()))
+        m = B1 * m + (1 - B1) * g
+        v = B2 * v + (1 - B2) * g**2
+        t = step + 1
+        update = -LR * (m / (1 - B1**t)) / (np.sqrt(v / (1 - B2**t)) + EPS)
+        if resets and since < warmup_steps:
+            update *= 1 - 0.99 * (1 + math.cos(math.pi * since / (warmup_steps + 1))) / 2
+        outs.append(update)
+    return outs, counts
+
+
+def _spiky_grads(steps=12, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    grads = [rng.normal(size=size).astype(np.float32) * 0.1 for _ in range(steps)]
+    for step in (3, 6, 10)[: steps // 4]:
+        grads[step][rng.integers(0, size, 5)] *= 1e4  # a spike in a few coordinates
+    return [jnp.asarray(g) for g in grads]
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("reset_interval, warmup_steps", [(None, 0), (5, 3), (4, 0)])
+def test_whole_run_matches_float64_reference(mode, reset_interval, warmup_steps):
+    grads = _spiky_grads()
+    tx = oc.spam(optax.adam(LR, b1=B1, b2=B2, eps=EPS), theta=50.0,
+                 reset_interval=reset_interval, warmup_steps=warmup_steps)
+    update = tx.update if mode == "eager" else jax.jit(tx.update)
+    state = tx.init(jnp.zeros(64))
+    want, counts = _numpy_spam_adam(grads, 50.0, reset_interval, warmup_steps)
+    assert sum(counts) > 0  # the spikes are clipped
+    for step, g in enumerate(grads):
+        out, state = update(g, state)
+        np.testing.assert_allclose(out, want[step], rtol=2e-4, atol=1e-7)
+        assert int(oc.stats(state)["spam/num_clipped"]) == counts[step]
+
+
+@pytest.mark.parametrize("mode", ["donated", "restored"])
+def test_resume_from_checkpoint_is_bit_identical(mode):
+    """Steps 1-8 straight equal steps 1-4, a restore (numpy arrays) or donation, steps 5-8."""
+    grads = _spiky_grads(8, seed=1)
+    tx = oc.spam(optax.adamw(LR, weight_decay=1e-2), theta=50.0, reset_interval=3,
+                 warmup_steps=2)
+    params = jnp.ones(64)
+    step = jax.jit(tx.update)
+    state = tx.init(params)
+    straight = []
+    for g in grads:
+        out, state = step(g, state, params)
+        straight.append(np.asarray(out))
+    state = tx.init(params)
+    for g in grads[:4]:
+        _, state = step(g, state, params)
+    if mode == "restored":
+        state = jax.tree.map(np.asarray, jax.device_get(state))
+        assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(state))
+        resumed_step = step
+    else:
+        resumed_step = jax.jit(tx.update, donate_argnums=(1,))
+    for i, g in enumerate(grads[4:]):
+        out, state = resumed_step(g, state, params)
+        np.testing.assert_array_equal(np.asarray(out), straight[4 + i])
+
+
+def test_without_spikes_it_is_exactly_adam():
+    rng = np.random.default_rng(3)
+    grads = [jnp.asarray(rng.normal(size=16), jnp.float32) for _ in range(6)]
+    adam, wrapped = optax.adam(LR), oc.spam(optax.adam(LR), theta=1e12)
+    sa, sw = adam.init(jnp.zeros(16)), wrapped.init(jnp.zeros(16))
+    for g in grads:  # eagerly: under jit XLA may fuse the two differently (an ulp)
+        a, sa = adam.update(g, sa)
+        w, sw = wrapped.update(g, sw)
+        np.testing.assert_array_equal(a, w)
+        assert int(oc.stats(sw)["spam/num_clipped"]) == 0
+
+
+def test_inner_without_second_moment_is_named():
+    for inner in (optax.sgd(0.1), optax.sgd(0.1, momentum=0.9), optax.lion(1e-3)):
+        with pytest.raises(ValueError, match=r"spam\(inner\).*`nu`"):
+            oc.spam(inner).init(jnp.zeros(3))
+    with pytest.raises(TypeError, match="inner"):
+        oc.spam(optax.adam)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"theta": -1.0}, "theta"), ({"theta": np.nan}, "theta"),
+    ({"reset_interval": 0}, "reset_interval"), ({"warmup_steps": -1}, "warmup_steps"),
+])
+def test_bad_hyperparameters_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        oc.spam(optax.adam(1e-3), **kwargs)
+
+
+def test_check_order_roles():
+    """Update clippers are legal after the preconditioner, gradient clippers are not;
+    spam clips inside the wrapper, ahead of the Adam it wraps."""
+    params = {"w": jnp.zeros((3, 2))}
+    oc.check_order(optax.chain(optax.scale_by_adam(), oc.clip_update_rms(1.0),
+                               optax.scale(-1e-3)), params)
+    oc.check_order(optax.chain(optax.scale_by_adam(), oc.clip_update_norm(2.0),
+                               optax.scale(-1e-3)), params)
+    with pytest.raises(oc.OrderingError):
+        oc.check_order(optax.chain(optax.scale_by_adam(), oc.clip_by_global_norm(1.0),
+                                   optax.scale(-1e-3)), params)
+    oc.check_order(oc.spam(optax.adam(1e-3)), params)
+    oc.check_order(optax.chain(oc.clip_by_global_norm(1.0), oc.spam(optax.adam(1e-3))), params)
+    with pytest.raises(oc.OrderingError):
+        oc.check_order(oc.spam(optax.chain(optax.scale_by_adam(), oc.clip_by_global_norm(1.0),
+                                           optax.scale(-1e-3))), params)
+
+
+@pytest.mark.slow
+def test_spike_example_language_model_runs_at_tiny_size():
+    """examples/spikes.py part 3: every method trains the tiny transformer to finite losses."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "spikes.py"
+    spec = importlib.util.spec_from_file_location("spikes_example_lm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.markov_text(500)
+    assert text.min() >= 0 and text.max() < module.LM_VOCAB
+    results = module.lm_study(seeds=1, steps=25, batch=4, full=False)
+    assert {"no clipping", "clip_update_rms(1.0)", "spam(adam)"} <= set(results)
+    for name, row in results.items():
+        assert math.isfinite(row["median_final_loss"]), name
+        assert row["worst_excursion"] >= 1.0 and row["diverged"] == 0, name
+        assert row["median_final_loss"] < math.log(module.LM_VOCAB) + 1, name
