@@ -42,6 +42,14 @@ pytestmark = pytest.mark.skipif(
 FACTORIES = oc.registered_factories()
 CLIPPERS = sorted(name for name, info in FACTORIES.items() if info.kind == "clipper")
 GUARDS = sorted(name for name, info in FACTORIES.items() if info.kind == "guard")
+MOMENT_CLIPPERS = sorted(
+    name for name, info in FACTORIES.items() if info.kind == "moment_clipper")
+# Registered transformations this module leaves out, and why.
+NOT_COVERED = {
+    "checked": "a wrapper: under jit it needs checkify, and its state is the wrapped one's",
+    "clip_per_example": "takes [B, ...] per-example gradients and returns them reduced "
+                        "over B: its inputs are not parameter-shaped",
+}
 PRESET_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm")
 
 
@@ -51,6 +59,10 @@ def _clipper(name: str, **kwargs):
 
 
 def _guarded(name: str):
+    return FACTORIES[name].build(inner=optax.adam(1e-2))
+
+
+def _moment_clipper(name: str):
     return FACTORIES[name].build(inner=optax.adam(1e-2))
 
 
@@ -77,6 +89,7 @@ TRANSFORMATIONS = {
     **{f"{name}(adam)": functools.partial(_guarded, name) for name in GUARDS},
     **{f"clipped(adam, {opt}=1)": functools.partial(_preset, opt) for opt in PRESET_OPTIONS},
     "clip_by_group_norms": _groups,
+    **{f"{name}(adam)": functools.partial(_moment_clipper, name) for name in MOMENT_CLIPPERS},
     # Stacked layers: every leaf's leading axis (a kernel's `data` axis too).
     **{f"{name}(stacked)": functools.partial(_clipper, name, stacked=True)
        for name in ("adagc", "adaptive_grad_clip", "clip_by_block_rms", "clip_by_norm")},
@@ -84,11 +97,8 @@ TRANSFORMATIONS = {
 
 
 def test_every_registered_transformation_is_covered():
-    kinds = {info.kind for info in FACTORIES.values()}
-    assert kinds <= {"clipper", "guard", "preset", "wrapper"}, kinds
     covered = {name.split("(")[0] for name in TRANSFORMATIONS}
-    wanted = {name for name, info in FACTORIES.items() if info.kind != "wrapper"}
-    assert covered == wanted
+    assert covered == set(FACTORIES) - set(NOT_COVERED), set(FACTORIES) ^ covered
 
 
 # ---------------------------------------------------------------- parameters
@@ -214,6 +224,7 @@ MULTI_AXIS = {
     **{name: functools.partial(_clipper, name) for name in CLIPPERS},
     **{f"{name}(adam)": functools.partial(_guarded, name) for name in GUARDS},
     "clip_by_group_norms": _groups,
+    **{f"{name}(adam)": functools.partial(_moment_clipper, name) for name in MOMENT_CLIPPERS},
     **{f"{name}(stacked)": functools.partial(_clipper, name, stacked=True)
        for name in ("adaptive_grad_clip", "clip_by_norm")},
 }
@@ -246,7 +257,7 @@ def _assert_close(got, want, where):
     for g, w in zip(got_leaves, want_leaves):
         g, w = np.asarray(g), np.asarray(w)
         assert g.dtype == w.dtype and g.shape == w.shape, where
-        if not np.issubdtype(w.dtype, np.inexact):
+        if not jnp.issubdtype(w.dtype, jnp.inexact):  # (bfloat16 is inexact to jnp only)
             np.testing.assert_array_equal(g, w, err_msg=where)
             continue
         # A sharded reduction may add in another order: equal up to float rounding.
@@ -277,9 +288,17 @@ def test_jit_on_a_data_model_mesh_equals_unsharded(name, axis_type, mesh_shape):
         _assert_close(oc.stats(state), oc.stats(want_state), f"{name} stats, step {step}")
         for key, leaf in updates.items():
             assert leaf.sharding.is_equivalent_to(shardings[key], leaf.ndim), (name, key)
-    # The steps exercised both sides of the threshold.
-    clipped = [k for k in oc.stats(want[-1][1]) if k.endswith(("/clipped", "/skipped"))]
-    assert clipped, sorted(oc.stats(want[-1][1]))
+    # The steps made the transformation act (clip or skip) at least once, so
+    # both of its branches ran sharded. monitor_norm never acts; skip_nonfinite
+    # acts on NaN only (tested sharded in sections 3 and 4).
+    if not name.startswith(("monitor_norm", "skip_nonfinite")):
+        assert any(_acted(oc.stats(state)) for _, state in want), sorted(oc.stats(want[-1][1]))
+
+
+def _acted(stats) -> bool:
+    flags = [bool(np.any(v)) for k, v in stats.items() if k.endswith(("/clipped", "/skipped"))]
+    counts = [float(v) > 0 for k, v in stats.items() if k.endswith("/clipped_fraction")]
+    return any(flags + counts)
 
 
 # ---------------------------------------------------------------- 3. shard_map and pmap
