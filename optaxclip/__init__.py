@@ -32,6 +32,7 @@ from optaxclip.functional import (
     clip_values,
     monitor_norm,
 )
+from optaxclip.groups import ClipByGroupNormsState, clip_by_group_norms
 from optaxclip.guards import SkipNonfiniteState, SkipOnSpikeState, skip_nonfinite, skip_on_spike
 from optaxclip.invariants import (
     OrderingError,
@@ -66,6 +67,9 @@ __all__ = [
     "clip_by_norm",
     "clip_by_rms",
     "clip_by_value",
+    # parameter groups
+    "ClipByGroupNormsState",
+    "clip_by_group_norms",
     # adaptive thresholds
     "AdaGCState",
     "AdaptiveGradClipState",

@@ -213,8 +213,45 @@ def _keep_dtypes(new: Any, old: Any) -> Any:
 # ---------------------------------------------------------------- scopes
 
 
+@dataclasses.dataclass(frozen=True)
+class StackedSpec(ClipSpec):
+    """The spec of a per-leaf or unit-wise clipper whose leaves stack layers on axis 0.
+
+    Each index along every leaf's leading axis is a layer (``nn.scan``,
+    ``lax.scan`` over a layer stack), measured as the unstacked clipper would
+    measure a leaf of the remaining shape: a ``[L, d]`` leaf has one norm per
+    layer, a ``[L, in, out]`` kernel under AGC one per layer and output unit, a
+    ``[L]`` leaf one per entry. Scalars are one layer.
+    """
+
+
+def stacked_spec(spec: ClipSpec, stacked: Any) -> ClipSpec:
+    """``spec`` as a ``StackedSpec`` when ``stacked`` is True; validates ``stacked``."""
+    if not isinstance(stacked, bool):
+        raise ValueError(
+            f"stacked must be True (every leaf's leading axis indexes stacked layers, as "
+            f"flax's nn.scan and jax.lax.scan lay them out) or False; got {stacked!r}."
+        )
+    if not stacked:
+        return spec
+    if spec.scope not in ("leaf", "unit"):
+        raise ValueError(
+            f"{spec.name}: stacked applies to per-leaf and unit-wise clippers; its scope is "
+            f"{spec.scope!r}."
+        )
+    return StackedSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
+
+
 def reduced_axes(spec: ClipSpec, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """The axes one norm of ``spec`` reduces over in a leaf of ``shape`` (None: all)."""
+    if isinstance(spec, StackedSpec) and len(shape) >= 1:
+        per_layer = _unstacked_reduced_axes(spec, tuple(shape[1:]))
+        per_layer = range(len(shape) - 1) if per_layer is None else per_layer
+        return tuple(axis + 1 for axis in per_layer)  # the layer axis 0 is kept
+    return _unstacked_reduced_axes(spec, shape)
+
+
+def _unstacked_reduced_axes(spec: ClipSpec, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     if spec.scope != "unit" or len(shape) <= 1:
         return None
     ndim = len(shape)
@@ -249,9 +286,48 @@ def _initial_norm(spec: ClipSpec, params: Any) -> Any:
     def zeros(x: Any) -> Array:
         if not is_float_leaf(x):
             return jnp.zeros([], jnp.float32)
-        return jnp.zeros(_unit_shape(spec, tuple(jnp.shape(x))), _norms.accumulation_dtype(x.dtype))
+        return unit_zeros(spec, x, _norms.accumulation_dtype(x.dtype))
 
     return jax.tree.map(zeros, params)
+
+
+def unit_zeros(spec: ClipSpec, x: Any, dtype: Any) -> Array:
+    """Zeros shaped (and, under Explicit mesh axes, sharded) like ``spec``'s norms of ``x``."""
+    shape = tuple(jnp.shape(x))
+    unit_shape = _unit_shape(spec, shape)
+    sharding = _kept_sharding(x, reduced_axes(spec, shape))
+    if sharding is None:
+        return jnp.zeros(unit_shape, dtype)
+    return jnp.zeros(unit_shape, dtype, out_sharding=sharding)
+
+
+def _kept_sharding(x: Any, axes: tuple[int, ...] | None) -> Any:
+    """The sharding type a per-unit norm of ``x`` over ``axes`` has, or None.
+
+    Under Explicit mesh axes a reduction keeps the kept axes' sharding in its
+    type (a ``P("data", "model")`` kernel has per-column norms ``P("model")``),
+    so the zeros ``init`` records must carry it too, or the state's type would
+    change after the first update. None (a plain replicated array) when the
+    type names no mesh axis: unsharded, or Auto axes the partitioner decides.
+    """
+    if axes is None:
+        return None
+    try:
+        sharding: Any = getattr(jax.typeof(x), "sharding", None)
+    except TypeError:  # not an array or a ShapeDtypeStruct (a Python float)
+        return None
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return None
+    spec = tuple(spec) + (None,) * (jnp.ndim(x) - len(spec))
+    kept = tuple(entry for i, entry in enumerate(spec) if i not in axes)
+    if all(entry is None for entry in kept):
+        return None
+    concrete = getattr(x, "sharding", None)
+    if isinstance(concrete, jax.sharding.NamedSharding) and not _validate.is_traced(x):
+        # A concrete array or struct, maybe outside any ``jax.set_mesh``: its own mesh.
+        return jax.sharding.NamedSharding(concrete.mesh, jax.sharding.PartitionSpec(*kept))
+    return sharding.update(spec=jax.sharding.PartitionSpec(*kept))
 
 
 def _initial_stats(spec: ClipSpec, norm: Any, threshold: Any) -> ClipStats:
@@ -264,9 +340,17 @@ def _float_positions(leaves: list[Any]) -> list[int]:
     return [i for i, x in enumerate(leaves) if is_float_leaf(x)]
 
 
-def _root_count(count: int, axis_name: Any) -> Array:
-    """The square root of how many entries a norm covers, across ``axis_name`` shards too."""
-    total = lax.psum(count, axis_name) if axis_name is not None else count
+def _root_count(counts: list[tuple[int, Any]], axis_name: Any) -> Array:
+    """The square root of how many entries a norm covers, across ``axis_name`` shards too.
+
+    ``counts`` holds ``(entries on this shard, the array they are in)`` pairs:
+    each array's entries are counted once per shard along the axes it varies
+    along (all of ``axis_name`` without replication checking; see ``_norms``).
+    """
+    total = 0
+    for count, x in counts:
+        axes = _norms.reduction_axes(x, axis_name)
+        total = total + (lax.psum(count, axes) if axes is not None else count)
     return jnp.sqrt(jnp.maximum(jnp.asarray(total, jnp.float32), 1))
 
 
@@ -289,8 +373,8 @@ def measure_parts(spec: ClipSpec, updates: Any) -> tuple[Any, Any]:
         leaves = _norms._float_leaves(updates)
         root, multiplier = _norms.global_norm_parts(leaves, spec.ord, spec.axis_name)
         if spec.rms:
-            count = sum(x.size for x in leaves)
-            root = root / _root_count(count, spec.axis_name).astype(root.dtype)
+            counts = [(x.size, x) for x in leaves]
+            root = root / _root_count(counts, spec.axis_name).astype(root.dtype)
         return _norms._norm(root, multiplier), (root, multiplier)
     leaves, treedef = jax.tree.flatten(updates)
     positions = _float_positions(leaves)
@@ -302,7 +386,7 @@ def measure_parts(spec: ClipSpec, updates: Any) -> tuple[Any, Any]:
     for i, x, a, (root, multiplier) in zip(positions, arrays, axes, found):
         if spec.rms:
             count = math.prod(x.shape[d] for d in a) if a is not None else x.size
-            root = root / _root_count(count, spec.axis_name).astype(root.dtype)
+            root = root / _root_count([(count, x)], spec.axis_name).astype(root.dtype)
         out[i], parts[i] = _norms._norm(root, multiplier), (root, multiplier)
     return treedef.unflatten(out), parts
 
@@ -410,7 +494,7 @@ def _clip_entries(spec: ClipSpec, updates: Any, norm: Array, threshold: Array):
     out = jax.tree.map(clip_leaf, updates)
     clipped = jnp.any(jnp.stack(changed)) if changed else jnp.zeros([], bool)
     if spec.axis_name is not None:
-        clipped = lax.pmax(clipped.astype(jnp.int32), spec.axis_name) > 0
+        clipped = _norms._pmax(clipped.astype(jnp.int32), spec.axis_name) > 0
     return out, ClipStats(norm=norm, threshold=threshold, clipped=clipped)
 
 

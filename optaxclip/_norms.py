@@ -16,7 +16,10 @@ norms, and unit-wise norms over chosen axes. The rules are the same everywhere:
 * The derivative is finite at zero: every square root, power and division is
   guarded so that ``jax.grad`` through a clipper at zero gradients is finite.
 * With ``axis_name``, the p-th power sums (or maxima, for ``inf``) are reduced
-  across shards, so the norm covers the whole sharded tree.
+  across shards, so the norm covers the whole sharded tree. Under
+  ``shard_map`` with replication checking each leaf is reduced only over the
+  axes it is split along, so a leaf replicated over some of them is counted
+  once (see "Reducing across shards" below).
 * Subnormal entries (below ``1.2e-38`` in float32) count as 0: XLA flushes them
   to zero on CPU and GPU before any rescaling can rescue them. Every normal
   float, however small or large, is handled.
@@ -156,9 +159,12 @@ def _trusted(power_sum: Array) -> Array:
 def _scaled_norm(max_magnitude: Array, scaled_power_sum: Array, p: float) -> Array:
     """Combines ``M * (sum (|x|/M)^p)^(1/p)``; NaN stays NaN, inf stays inf, 0 stays 0."""
     finite_positive = (max_magnitude > 0) & (max_magnitude < math.inf)
-    return jnp.where(
+    # A NaN entry shows in the sum, not always in the maximum: XLA's max across devices
+    # drops NaN. (At an inf maximum the sum can be NaN from complex inf / 1: keep inf.)
+    dropped_nan = jnp.isnan(scaled_power_sum) & (max_magnitude < math.inf)
+    return jnp.where(dropped_nan, scaled_power_sum, jnp.where(
         finite_positive, max_magnitude * _root(scaled_power_sum, p), max_magnitude
-    )
+    ))
 
 
 def _safe_divisor(max_magnitude: Array) -> Array:
@@ -166,12 +172,96 @@ def _safe_divisor(max_magnitude: Array) -> Array:
     return jnp.where(usable, max_magnitude, 1)
 
 
+# --- Reducing across shards ----------------------------------------------------
+#
+# Under ``shard_map`` with replication checking (``check_vma=True``, the
+# default) every value's type says which mesh axes it varies along. A leaf
+# sharded over ``model`` and replicated over ``data`` holds the same partial
+# sum on every ``data`` shard: summing it over ``("data", "model")`` would count
+# each of its entries once per ``data`` shard. So each partial sum is reduced
+# over the axes of ``axis_name`` it varies along only, and partial sums that
+# vary differently are reduced separately and then added. Without replication
+# checking (``check_vma=False``, ``pmap``, ``vmap`` axis names) types carry no
+# such information and every value is reduced over all of ``axis_name``: the
+# caller says the gradients are split over all of those axes.
+
+
+def _varying(x: Any) -> frozenset | None:
+    """The manual mesh axes ``x`` varies along, from its type; None if not recorded."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)  # jax 0.6 to 0.9
+    if vma is None:
+        vma = getattr(getattr(aval, "mat", None), "varying", None)  # jax 0.10
+    return None if vma is None else frozenset(vma)
+
+
+def _names(axis_name: AxisName) -> tuple[Any, ...]:
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _replication_checked(axis_name: AxisName) -> bool:
+    """Whether values' types record how they vary along ``axis_name`` (check_vma=True).
+
+    The axis index varies along its own axis exactly when replication checking
+    is on; it is traced only to read its type, and unused, so it compiles to nothing.
+    """
+    try:
+        varying = _varying(lax.axis_index(_names(axis_name)))
+    except (NameError, TypeError, ValueError):
+        return False
+    return varying is not None and set(_names(axis_name)) <= varying
+
+
+def reduction_axes(x: Any, axis_name: AxisName) -> AxisName:
+    """The axes of ``axis_name`` a partial reduction ``x`` is summed over (None: none).
+
+    All of ``axis_name`` unless replication checking shows ``x`` is the same on
+    some of them (see above).
+    """
+    if axis_name is None or not _replication_checked(axis_name):
+        return axis_name
+    varying = _varying(x) or frozenset()
+    kept = tuple(name for name in _names(axis_name) if name in varying)
+    return kept or None
+
+
 def _psum(x: Any, axis_name: AxisName) -> Any:
-    return x if axis_name is None else lax.psum(x, axis_name)
+    """``lax.psum`` of each array in ``x`` over the axes it varies along."""
+    if axis_name is None:
+        return x
+    return jax.tree.map(lambda v: _reduce_over(lax.psum, v, reduction_axes(v, axis_name)), x)
 
 
 def _pmax(x: Any, axis_name: AxisName) -> Any:
-    return x if axis_name is None else lax.pmax(x, axis_name)
+    """``lax.pmax`` of each array in ``x`` over the axes it varies along.
+
+    A maximum counts nothing twice, so a value that mixes leaves of different
+    variation needs no grouping; reducing over axes it does not vary along is
+    only refused by replication checking.
+    """
+    if axis_name is None:
+        return x
+    return jax.tree.map(lambda v: _reduce_over(lax.pmax, v, reduction_axes(v, axis_name)), x)
+
+
+def _reduce_over(collective: Callable, x: Array, axes: AxisName) -> Array:
+    return x if axes is None else collective(x, axes)
+
+
+def _psum_total(partial_sums: Sequence[Array], axis_name: AxisName) -> Array:
+    """``sum_i partial_sums[i]`` summed across shards, each over the axes it varies along.
+
+    Partial sums that vary along the same axes are added first and reduced by
+    one collective, so a tree whose leaves are all sharded alike (or the
+    unchecked case) costs one ``psum``, as a single sum would.
+    """
+    groups: dict[Any, list[Array]] = {}
+    for x in partial_sums:
+        key = None if axis_name is None else reduction_axes(x, axis_name)
+        groups.setdefault(key, []).append(x)
+    totals = [_reduce_over(lax.psum, jnp.sum(jnp.stack(group), axis=0), axes)
+              for axes, group in groups.items()]
+    return functools.reduce(jnp.add, totals)
 
 
 @jax.custom_batching.custom_vmap
@@ -321,9 +411,18 @@ def _layout(xs: Sequence[Array], key: Callable[[int], Any]) -> list[list[int]]:
     return layout
 
 
+def _pack_key(x: Array) -> Any:
+    """Leaves joined in one chunk share a dtype and how they vary across shards.
+
+    Joining a replicated leaf with a sharded one would make the chunk vary along
+    the sharded leaf's axes, and its entries would be counted once per shard.
+    """
+    return x.dtype, _varying(x)
+
+
 def _packed(leaves: Sequence[Array]) -> list[Array]:
     """The leaves joined for one global reduction: raveled and concatenated per chunk."""
-    layout = _layout(leaves, lambda i: leaves[i].dtype)
+    layout = _layout(leaves, lambda i: _pack_key(leaves[i]))
     return [
         leaves[c[0]] if len(c) == 1 else jnp.concatenate([jnp.ravel(leaves[i]) for i in c])
         for c in layout
@@ -346,7 +445,11 @@ def global_norm(tree: Any, ord: float | None = 2, *, axis_name: AxisName = None)
         their modulus.
       ord: 1, 2, ``inf``, or any float p > 0.
       axis_name: under ``shard_map``/``pmap``, a mesh axis name or a tuple of
-        names; the norm then covers the whole tree across shards.
+        names; the norm then covers the whole tree across shards. Under
+        ``shard_map(..., check_vma=True)`` (the default) leaves may be split
+        over different subsets of the axes, or replicated: each entry counts
+        once. With ``check_vma=False`` and under ``pmap`` every leaf is taken
+        to be split over all of ``axis_name``.
 
     Returns:
       A float32 scalar (float64 if a leaf is float64 under ``jax_enable_x64``).
@@ -386,19 +489,20 @@ def global_norm_parts(
     if not leaves:
         return jnp.zeros([], acc), one
     if p == math.inf:
-        return _pmax(jnp.max(_global_sums(leaves, p)), axis_name), one
+        return _pmax(jnp.max(jnp.stack(_global_sums(leaves, p))), axis_name), one
     if p == 1:
-        return _psum(jnp.sum(_global_sums(leaves, p)), axis_name), one
+        return _psum_total(_global_sums(leaves, p), axis_name), one
     return _global_guarded(p, axis_name)(leaves)
 
 
-def _global_sums(leaves: list[Array], p: float) -> Array:
+def _global_sums(leaves: list[Array], p: float) -> list[Array]:
+    """One power sum per packed chunk (a list: chunks may vary differently across shards)."""
     acc = _widest(leaves)
-    return jnp.stack([_power_sum(x, p).astype(acc) for x in _packed(leaves)])
+    return [_power_sum(x, p).astype(acc) for x in _packed(leaves)]
 
 
 def _combine_rescued(
-    maxima: Array, scaled_sums: Array, p: float, axis_name: AxisName, axis: int = 0
+    maxima: list[Array], scaled_sums: list[Array], p: float, axis_name: AxisName
 ) -> Array:
     """Combines parts ``i`` with ``m_i = max|x_i|`` and ``s_i = sum (|x_i|/m_i)^p``.
 
@@ -408,17 +512,20 @@ def _combine_rescued(
     make XLA's sibling fusion quadratic in their number (minutes to compile at
     1,000 leaves).
     """
-    return _norm(*_combine_rescued_parts(maxima, scaled_sums, p, axis_name, axis))
+    return _norm(*_combine_rescued_parts(maxima, scaled_sums, p, axis_name))
 
 
 def _combine_rescued_parts(
-    maxima: Array, scaled_sums: Array, p: float, axis_name: AxisName, axis: int = 0
+    maxima: list[Array], scaled_sums: list[Array], p: float, axis_name: AxisName
 ) -> tuple[Array, Array]:
-    """``_combine_rescued`` as ``(root, multiplier)`` parts (see ``_norm``)."""
-    largest = _pmax(jnp.max(maxima, axis=axis), axis_name)
-    weights = _safe_pow(maxima / jnp.expand_dims(_safe_divisor(largest), axis), p)
-    total = _psum(jnp.sum(weights * scaled_sums, axis=axis), axis_name)
-    return _scaled_parts(largest, total, p)
+    """``_combine_rescued`` as ``(root, multiplier)`` parts (see ``_norm``).
+
+    Each part is a scalar, or a ``[B]`` vector of per-example values.
+    """
+    largest = _pmax(jnp.max(jnp.stack(maxima), axis=0), axis_name)
+    divisor = _safe_divisor(largest)
+    terms = [_safe_pow(m / divisor, p) * s for m, s in zip(maxima, scaled_sums)]
+    return _scaled_parts(largest, _psum_total(terms, axis_name), p)
 
 
 def _scaled_parts(largest: Array, scaled_power_sum: Array, p: float) -> tuple[Array, Array]:
@@ -440,7 +547,7 @@ def _rescued_part(x: Array, p: float, axes: Any, acc: Any) -> tuple[Array, Array
 @functools.cache
 def _global_guarded(p: float, axis_name: AxisName) -> Callable:
     def fast(leaves: list[Array]) -> Array:
-        return _psum(jnp.sum(_global_sums(leaves, p)), axis_name)
+        return _psum_total(_global_sums(leaves, p), axis_name)
 
     def finish(total: Array, leaves: list[Array]) -> tuple[Array, Array]:
         del leaves
@@ -450,16 +557,14 @@ def _global_guarded(p: float, axis_name: AxisName) -> Callable:
         acc = _widest(leaves)
         if p > 2:
             parts = [_rescued_part(x, p, None, acc) for x in _packed(leaves)]
-            maxima, sums = (jnp.stack(column) for column in zip(*parts))
+            maxima, sums = (list(column) for column in zip(*parts))
             return _combine_rescued_parts(maxima, sums, p, axis_name)
         # Under jax.vmap the rescue runs for the whole batch: examples whose own
         # total is trusted keep it (factor 1 re-reads them as they are).
         trusted = _trusted(total)
         factor = jnp.where(trusted, 1, _rescue_factor(total)).astype(total.dtype)
         scaled = [_power_sum(_multiplied(x, factor, acc), p).astype(acc) for x in _packed(leaves)]
-        root, multiplier = _unscaled_parts(
-            _psum(jnp.sum(jnp.stack(scaled)), axis_name), factor, p
-        )
+        root, multiplier = _unscaled_parts(_psum_total(scaled, axis_name), factor, p)
         return jnp.where(trusted, _root(total, p), root), jnp.where(trusted, 1, multiplier)
 
     return _decide_once(fast, finish, rescue)
@@ -537,15 +642,15 @@ def batched_global_norm(
     if not moved or batch == 0:
         return jnp.zeros([batch], acc)
     if p == math.inf:
-        return _pmax(jnp.max(_batched_sums(moved, p), axis=0), axis_name)
+        return _pmax(jnp.max(jnp.stack(_batched_sums(moved, p)), axis=0), axis_name)
     if p == 1:
-        return _psum(jnp.sum(_batched_sums(moved, p), axis=0), axis_name)
+        return _psum_total(_batched_sums(moved, p), axis_name)
     return _batched_guarded(p, axis_name)(moved)
 
 
 def _batched_parts(leaves: list[Array]) -> list[Array]:
     """``[B, ...]`` leaves, joined per chunk as ``[B, n]`` rows along axis 1."""
-    layout = _layout(leaves, lambda i: leaves[i].dtype)
+    layout = _layout(leaves, lambda i: _pack_key(leaves[i]))
     return [
         leaves[c[0]] if len(c) == 1
         else jnp.concatenate([leaves[i].reshape(leaves[i].shape[0], -1) for i in c], axis=1)
@@ -557,17 +662,16 @@ def _example_axes(x: Array) -> tuple[int, ...]:
     return tuple(range(1, x.ndim))
 
 
-def _batched_sums(leaves: list[Array], p: float) -> Array:
+def _batched_sums(leaves: list[Array], p: float) -> list[Array]:
+    """One ``[B]`` power sum per packed chunk."""
     acc = _widest(leaves)
-    return jnp.stack(
-        [_power_sum(x, p, _example_axes(x)).astype(acc) for x in _batched_parts(leaves)]
-    )
+    return [_power_sum(x, p, _example_axes(x)).astype(acc) for x in _batched_parts(leaves)]
 
 
 @functools.cache
 def _batched_guarded(p: float, axis_name: AxisName) -> Callable:
     def fast(leaves: list[Array]) -> Array:
-        return _psum(jnp.sum(_batched_sums(leaves, p), axis=0), axis_name)
+        return _psum_total(_batched_sums(leaves, p), axis_name)
 
     def finish(totals: Array, leaves: list[Array]) -> Array:
         del leaves
@@ -578,7 +682,7 @@ def _batched_guarded(p: float, axis_name: AxisName) -> Callable:
         parts = _batched_parts(leaves)
         if p > 2:
             rescued = [_rescued_part(x, p, _example_axes(x), acc) for x in parts]
-            maxima, sums = (jnp.stack(column) for column in zip(*rescued))
+            maxima, sums = (list(column) for column in zip(*rescued))
             return _combine_rescued(maxima, sums, p, axis_name)
         # Examples whose own sum is trusted keep it (factor 1 re-reads them as is).
         trusted = _trusted(totals)
@@ -588,7 +692,7 @@ def _batched_guarded(p: float, axis_name: AxisName) -> Callable:
             .astype(acc)
             for x in parts
         ]
-        rescued = _unscaled(_psum(jnp.sum(jnp.stack(scaled), axis=0), axis_name), factor, p)
+        rescued = _unscaled(_psum_total(scaled, axis_name), factor, p)
         return jnp.where(trusted, _root(totals, p), rescued)
 
     return _decide_once(fast, finish, rescue)

@@ -104,8 +104,23 @@ def _leaves(tree: Any) -> list[Array]:
     return [jnp.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def _flat(values: list[Array]) -> Array:
-    return jnp.concatenate([jnp.ravel(x) for x in values])
+def _reduce(reduce: Any, values: list[Array]) -> Array:
+    """``reduce`` over every entry of ``values``, leaf by leaf, then across leaves.
+
+    Not by concatenating: per-unit stats of leaves sharded in different ways
+    (Explicit mesh axes) cannot be joined without a reshard, but each leaf's own
+    reduction is replicated and those stack.
+    """
+    nonempty = [x for x in values if x.size]
+    if not nonempty:  # only empty units (a (5, 0) kernel): what concatenation gives
+        return reduce(jnp.concatenate([jnp.ravel(x) for x in values]))
+    return reduce(jnp.stack([reduce(x) for x in nonempty]))
+
+
+def _fraction(flags: list[Array]) -> Array:
+    count = sum(x.size for x in flags)
+    hits = jnp.sum(jnp.stack([jnp.sum(x.astype(jnp.float32)) for x in flags]))
+    return hits / max(count, 1)
 
 
 def _summaries(record: ClipStats, scope: str, per_leaf: bool) -> dict[str, Array]:
@@ -123,19 +138,18 @@ def _summaries(record: ClipStats, scope: str, per_leaf: bool) -> dict[str, Array
     out: dict[str, Array] = {}
     if norms:
         # max propagates NaN, so a single non-finite leaf shows in the summary.
-        out["norm"] = jnp.max(_flat(norms))
+        out["norm"] = _reduce(jnp.max, norms)
     if _is_shared(record.threshold):
         out["threshold"] = thresholds[0]
     elif thresholds:
-        out["threshold_min"] = jnp.min(_flat(thresholds))
-        out["threshold_max"] = jnp.max(_flat(thresholds))
+        out["threshold_min"] = _reduce(jnp.min, thresholds)
+        out["threshold_max"] = _reduce(jnp.max, thresholds)
     if norms and scales is not None:
-        out["scale"] = jnp.min(_flat(scales))
-        flags = _flat(clipped)
-        out["clipped"] = jnp.any(flags)
-        out["clipped_fraction"] = jnp.mean(flags.astype(jnp.float32))
+        out["scale"] = _reduce(jnp.min, scales)
+        out["clipped"] = _reduce(jnp.any, clipped)
+        out["clipped_fraction"] = _fraction(clipped)
     if per_leaf:
-        out.update(_per_leaf(record, scales is not None))
+        out.update(_per_leaf(record, scales is not None, layered=scope == "leaf"))
     return out
 
 
@@ -148,8 +162,13 @@ def _is_shared(threshold: Any) -> bool:
     )
 
 
-def _per_leaf(record: ClipStats, has_scale: bool) -> dict[str, Array]:
-    """``leaves/<leaf path>/<field>`` entries; per-unit values are summarised per leaf."""
+def _per_leaf(record: ClipStats, has_scale: bool, layered: bool = False) -> dict[str, Array]:
+    """``leaves/<leaf path>/<field>`` entries; per-unit values are summarised per leaf.
+
+    With ``layered`` (a per-leaf clipper), a leaf whose norm is a vector holds
+    stacked layers (``stacked=True``): each layer also gets
+    ``leaves/<leaf path>/layers/<index>/<field>`` entries.
+    """
     out = {}
     norm_entries = jax.tree_util.tree_flatten_with_path(record.norm)[0]
     thresholds = None if _is_shared(record.threshold) else jax.tree.leaves(record.threshold)
@@ -163,6 +182,23 @@ def _per_leaf(record: ClipStats, has_scale: bool) -> dict[str, Array]:
         if scales is not None:
             out[f"{key}/scale"] = jnp.min(jnp.asarray(scales[index]))
         out[f"{key}/clipped"] = jnp.any(jnp.asarray(flags[index]))
+        if layered and jnp.ndim(norm) == 1:
+            out.update(_per_layer(key, index, norm, thresholds, scales, flags))
+    return out
+
+
+def _per_layer(key: str, index: int, norm: Any, thresholds: Any, scales: Any,
+               flags: Any) -> dict[str, Array]:
+    out = {}
+    for layer in range(jnp.shape(norm)[0]):
+        prefix = f"{key}/layers/{layer}"
+        out[f"{prefix}/norm"] = jnp.asarray(norm)[layer]
+        if thresholds is not None:
+            limit = jnp.asarray(thresholds[index])
+            out[f"{prefix}/threshold"] = limit[layer] if limit.ndim else limit
+        if scales is not None:
+            out[f"{prefix}/scale"] = jnp.asarray(scales[index])[layer]
+        out[f"{prefix}/clipped"] = jnp.asarray(flags[index])[layer]
     return out
 
 

@@ -241,11 +241,22 @@ def unknown_problems(stages: list[Stage]) -> list[str]:
     return problems
 
 
+# The name of clip_by_group_norms's per-group clippers (optaxclip.groups): the
+# partition directly around each one is its own, grouping on purpose.
+_GROUP_CLIPPER_NAME = "clip_by_group_norms"
+
+
 def group_norm_problems(stages: list[Stage]) -> list[str]:
-    """Global clippers inside ``partition``/``masked``, where they see one group only."""
+    """Global clippers inside ``partition``/``masked``, where they see one group only.
+
+    ``clip_by_group_norms`` is a partition of global clippers by design; only a
+    partition or mask *around* it is reported.
+    """
     problems = []
     for stage in stages:
         grouped = [e for e in stage.enclosing if e in ("partition", "masked")]
+        if stage.name == _GROUP_CLIPPER_NAME and stage.enclosing[-1:] == ("partition",):
+            grouped = grouped[:-1]
         if stage.scope == "global" and grouped:
             problems.append(
                 f"{stage.name} ({stage.location}) sits inside optax.{grouped[-1]}: its norm "

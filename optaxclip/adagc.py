@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _history, _norms, _scaling
-from optaxclip._clipper import ThresholdRule, make_clipper
+from optaxclip._clipper import ThresholdRule, make_clipper, stacked_spec, unit_zeros
 from optaxclip._registry import register_factory
 from optaxclip._spec import ClipSpec
 from optaxclip._state import ClipStats
@@ -53,6 +53,7 @@ def adagc(
     beta: float = 0.98,
     warmup_steps: int = 100,
     axis_name: AxisName = None,
+    stacked: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """AdaGC: clips each tensor relative to an EMA of its own clipped norms.
 
@@ -112,10 +113,12 @@ def adagc(
       warmup_steps: number of finite steps clipped globally (>= 1; paper: 100).
       axis_name: under ``shard_map``/``pmap``, the axis the gradients are
         sharded over.
+      stacked: every leaf's leading axis indexes stacked layers: each layer is
+        a tensor of its own, with its own ``gamma``, norm, limit and scale.
 
     Returns:
       The clipper; its state is ``AdaGCState(count, stats, gamma, num_warmup)``
-      with one norm, limit and scale per tensor.
+      with one norm, limit and scale per tensor (per layer when ``stacked``).
 
     Example:
       >>> import jax.numpy as jnp, optaxclip as oc
@@ -134,18 +137,24 @@ def adagc(
     validate_threshold(lambda_abs, "lambda_abs")
     beta = validate_real(beta, "beta", low=0.0, high=1.0, high_open=True, hint="Try 0.98.")
     warmup_steps = validate_int(warmup_steps, "warmup_steps")
-    spec = ClipSpec(
+    spec = stacked_spec(ClipSpec(
         "adagc",
         scope="leaf",
         axis_name=validate_axis_name(axis_name),
         stat_fields=("num_warmup",),
         strict_nonfinite=True,
-    )
+    ), stacked)
+
+    def no_history(x: Any, dtype: Any) -> Array:
+        # inf per tensor (per layer when stacked), laid out as its norm is.
+        if not _norms.is_float_leaf(x):
+            return jnp.full([], jnp.inf, dtype)
+        return unit_zeros(spec, x, dtype) + jnp.asarray(jnp.inf, dtype)
 
     def init(params: Any) -> dict[str, Any]:
         dtype = _history.dtype_for(params)
         return {
-            "gamma": jax.tree.map(lambda _: jnp.full([], jnp.inf, dtype), params),
+            "gamma": jax.tree.map(lambda x: no_history(x, dtype), params),
             "num_warmup": jnp.zeros([], jnp.int32),
         }
 
@@ -197,15 +206,17 @@ def _fractions(norms: list, total: Array, parts: list) -> list:
     When the total (or a tensor's norm) overflows float32 although every entry is
     finite, the fractions come from the norms' finite parts instead.
     """
+    # Each tensor's parts are scalars, or one per layer of a stacked leaf.
     pairs = [pair for pair in parts if pair is not None]
     finite_input = jnp.all(jnp.stack(
-        [jnp.isfinite(r) & jnp.isfinite(m) for r, m in pairs] or [jnp.bool_(True)]
+        [jnp.all(jnp.isfinite(r) & jnp.isfinite(m)) for r, m in pairs] or [jnp.bool_(True)]
     ))
-    largest = jnp.max(jnp.stack([m for _, m in pairs] or [jnp.ones([])]))
+    largest = jnp.max(jnp.stack([jnp.max(m, initial=0) for _, m in pairs] or [jnp.ones([])]))
+    largest = jnp.where(largest > 0, largest, 1)
     sizes = [
         jnp.zeros([]) if pair is None else pair[0] * (pair[1] / largest) for pair in parts
     ]
-    whole = jnp.sqrt(sum(jnp.square(x) for x in sizes))
+    whole = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in sizes))
     overflowed = jnp.isposinf(total) & finite_input
     safe_total = jnp.where(total > 0, total, 1)
     out = []

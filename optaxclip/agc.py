@@ -10,7 +10,13 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _norms
-from optaxclip._clipper import ThresholdRule, fixed_threshold, make_clipper, reduced_axes
+from optaxclip._clipper import (
+    ThresholdRule,
+    fixed_threshold,
+    make_clipper,
+    reduced_axes,
+    stacked_spec,
+)
 from optaxclip._norms import is_float_leaf
 from optaxclip._registry import register_factory
 from optaxclip._scaling import Threshold
@@ -62,6 +68,7 @@ def adaptive_grad_clip(
     eps: float = 1e-3,
     axis: int | tuple[int, ...] | None = None,
     axis_name: AxisName = None,
+    stacked: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Adaptive gradient clipping (AGC): bounds each unit's gradient by its weight norm.
 
@@ -117,6 +124,10 @@ def adaptive_grad_clip(
         along them a separate unit; None means the last axis.
       axis_name: under ``shard_map``/``pmap``, the axis the leaves are sharded
         over, so unit norms cover every shard.
+      stacked: every leaf's (and weight's) leading axis indexes stacked layers:
+        each layer's slice is split into units as an unstacked leaf of that
+        shape would be (``axis`` counts within the slice), so a ``[L, in, out]``
+        kernel has ``L x out`` units and a ``[L, d]`` bias ``L``.
 
     Returns:
       The clipper; its state is ``AdaptiveGradClipState(count, stats)`` with one
@@ -139,12 +150,12 @@ def adaptive_grad_clip(
       Recognition Without Normalization", ICML 2021.
     """
     eps = validate_eps(eps)
-    spec = ClipSpec(
+    spec = stacked_spec(ClipSpec(
         "adaptive_grad_clip",
         scope="unit",
         unit_axes=_validate_axis(axis),
         axis_name=validate_axis_name(axis_name),
-    )
+    ), stacked)
     ratio_rule = fixed_threshold(clipping, "clipping")
 
     def threshold(norm: Any, state: Any, params: Any) -> tuple[Any, dict[str, Any]]:

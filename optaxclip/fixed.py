@@ -36,7 +36,7 @@ from typing import NamedTuple
 import jax
 import optax
 
-from optaxclip._clipper import fixed_threshold, make_clipper
+from optaxclip._clipper import fixed_threshold, make_clipper, stacked_spec
 from optaxclip._registry import register_factory
 from optaxclip._scaling import Threshold
 from optaxclip._spec import ClipSpec
@@ -161,7 +161,8 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
 
 @register_factory(threshold="max_norm", limit_is_threshold=True)
 def clip_by_norm(
-    max_norm: Threshold, *, ord: float | None = None, axis_name: AxisName = None
+    max_norm: Threshold, *, ord: float | None = None, axis_name: AxisName = None,
+    stacked: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Clips each leaf separately so its p-norm is at most ``max_norm``.
 
@@ -203,10 +204,15 @@ def clip_by_norm(
         keeps ``optax.inject_hyperparams`` from injecting the order as an array.
       axis_name: under ``shard_map``/``pmap``, the axis (or axes) the leaves are
         sharded over, so each leaf's norm covers all its shards.
+      stacked: every leaf's leading axis indexes stacked layers (``nn.scan``,
+        ``lax.scan`` over a layer stack): each layer is clipped by its own norm,
+        and the stats hold one norm and scale per layer
+        (``stats(state, per_leaf=True)`` reports them). Scalars are one layer.
+        Wrap the clipper in ``optax.masked`` to apply it to the stacked subtree only.
 
     Returns:
       The clipper; its state is ``ClipByNormState(count, stats)`` with one norm
-      and scale per leaf.
+      and scale per leaf (per layer when ``stacked``).
 
     Example:
       >>> import jax.numpy as jnp, optaxclip as oc
@@ -220,9 +226,9 @@ def clip_by_norm(
       Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
       neural networks", ICML 2013.
     """
-    spec = ClipSpec(
+    spec = stacked_spec(ClipSpec(
         "clip_by_norm", scope="leaf", ord=validate_ord(ord), axis_name=validate_axis_name(axis_name)
-    )
+    ), stacked)
     return make_clipper(spec, fixed_threshold(max_norm, "max_norm"), state_cls=ClipByNormState)
 
 
@@ -314,7 +320,7 @@ def clip_by_global_norm(
 
 @register_factory(threshold="threshold", limit_is_threshold=True)
 def clip_by_block_rms(
-    threshold: Threshold, *, axis_name: AxisName = None
+    threshold: Threshold, *, axis_name: AxisName = None, stacked: bool = False
 ) -> optax.GradientTransformationExtraArgs:
     """Clips each leaf so its root-mean-square is at most ``threshold``.
 
@@ -349,10 +355,13 @@ def clip_by_block_rms(
       axis_name: under ``shard_map``/``pmap``, the axis (or axes) the leaves are
         sharded over; each leaf's RMS then covers every shard (entries counted
         across shards too).
+      stacked: every leaf's leading axis indexes stacked layers: each layer is
+        a block with its own RMS (its entries only), and the stats hold one
+        RMS and scale per layer. Scalars are one block.
 
     Returns:
       The clipper; its state is ``ClipByBlockRmsState(count, stats)`` with one
-      RMS and scale per leaf.
+      RMS and scale per leaf (per layer when ``stacked``).
 
     Example:
       >>> import jax.numpy as jnp, optaxclip as oc
@@ -366,8 +375,8 @@ def clip_by_block_rms(
       Shazeer and Stern, "Adafactor: Adaptive Learning Rates with Sublinear
       Memory Cost", ICML 2018.
     """
-    spec = ClipSpec(
+    spec = stacked_spec(ClipSpec(
         "clip_by_block_rms", scope="leaf", rms=True, axis_name=validate_axis_name(axis_name)
-    )
+    ), stacked)
     rule = fixed_threshold(threshold, "threshold")
     return make_clipper(spec, rule, state_cls=ClipByBlockRmsState)
