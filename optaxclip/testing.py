@@ -17,6 +17,7 @@ every registered factory and calls these functions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, cast
@@ -172,17 +173,19 @@ def _group_norms(spec: ClipSpec, leaves: list[np.ndarray], dtypes: list[Any]) ->
         return mags
     if spec.scope == "global":
         flat = np.concatenate([m.ravel() for m in mags]) if mags else np.zeros(0)
-        total = _pnorm(flat, spec.ord).reshape(())
-        if spec.rms:
-            total = total / math.sqrt(max(flat.size, 1))
+        # An RMS divides before it sums: finite float64 entries can have a finite RMS
+        # whose norm overflows.
+        divisor = math.sqrt(max(flat.size, 1)) if spec.rms else 1.0
+        total = _pnorm(flat / divisor, spec.ord).reshape(())
         return [np.broadcast_to(total, m.shape) for m in mags]
     out = []
     for m in mags:
         axes = _clipper.reduced_axes(spec, m.shape)
-        norm = _pnorm(m, spec.ord, axis=axes)
+        divisor = 1.0
         if spec.rms:
             count = math.prod(m.shape[a] for a in axes) if axes is not None else m.size
-            norm = norm / math.sqrt(max(count, 1))
+            divisor = math.sqrt(max(count, 1))
+        norm = _pnorm(m / divisor, spec.ord, axis=axes)
         out.append(np.broadcast_to(norm, m.shape))
     return out
 
@@ -297,9 +300,13 @@ def assert_clip_contracts(
         return out, new_state
     scale = _recorded(spec, record.scale, treedef, positions, shapes)
     flags = _recorded(spec, record.was_clipped(), treedef, positions, shapes)
+    # Whether each group's entries are finite: its max-norm is. (Its norm can overflow
+    # even float64 for finite float64 entries, so the norm itself cannot say.)
+    group_max = _group_norms(dataclasses.replace(spec, ord=math.inf, rms=False), g, dtypes)
     for k, i in enumerate(positions):
         _check_scaled_leaf(spec, paths[i], g[k], o[k], dtypes[k], n_in[k], n_out[k],
-                           rec_norm[k], threshold[k], scale[k], flags[k])
+                           rec_norm[k], threshold[k], scale[k], flags[k],
+                           np.isfinite(group_max[k]))
     return out, new_state
 
 
@@ -363,12 +370,12 @@ def _check_norms(name: str, where: str, want: Any, got: Any, *, element: bool = 
 
 def _check_scaled_leaf(spec: ClipSpec, where: str, g: np.ndarray, o: np.ndarray, dtype: Any,
                        n_in: np.ndarray, n_out: np.ndarray, rec_norm: np.ndarray,
-                       threshold: np.ndarray, scale: np.ndarray, flags: np.ndarray) -> None:
+                       threshold: np.ndarray, scale: np.ndarray, flags: np.ndarray,
+                       finite_group: np.ndarray) -> None:
     name = spec.name
     if g.size == 0:
         return
     g64, o64 = _wide(g), _wide(o)
-    finite_group = np.isfinite(n_in)
     nan_threshold = np.isnan(threshold)
     # Stats: the recorded norm is the input's norm, in the clipper's own norm.
     _check_norms(name, where, n_in, rec_norm)

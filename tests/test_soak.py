@@ -25,8 +25,10 @@ import optaxclip.guards
 STEPS = 10_000
 WARMUP = 300  # no injection before the spike guard has its history
 RATE = 0.02
+# monitor_norm measures and never clips: a 1e30 gradient reaches Adam through it.
 CLIPPERS = sorted(
-    name for name, info in oc.registered_factories().items() if info.kind == "clipper"
+    name for name, info in oc.registered_factories().items()
+    if info.kind == "clipper" and oc.spec_of(info.build(1.0)).role != "monitor"
 )
 if os.environ.get("OPTAXCLIP_SOAK") != "all":
     CLIPPERS = ["autoclip", "clip_by_global_norm", "zclip"]
