@@ -95,10 +95,8 @@ def train(clip_adamw: float | None, steps: int, width: int, seed: int) -> dict:
     x, y, spiked, x_val, y_val = data(seed, steps)
     params = init_params(jax.random.key(seed), x.shape[-1], width)
     tx = optimizer(params, clip_adamw)
-    # The clip runs before Muon's and AdamW's moments. on_unknown="ignore": Muon
-    # ends with optax.contrib's scale_by_shape, which check_order cannot read (it
-    # only reshapes the orthogonalised step).
-    stages = oc.check_order(tx, params, on_unknown="ignore")
+    # The clip runs before Muon's and AdamW's moments.
+    stages = oc.check_order(tx, params)
     assert [s.name for s in stages if s.kind == "clipper"] == ["clip_by_group_norms"]
     state = tx.init(params)
 

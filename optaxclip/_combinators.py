@@ -372,7 +372,7 @@ _OPTAX_HARMLESS = frozenset({
     "centralize", "scale_by_trust_ratio", "scale_by_param_block_norm",
     "scale_by_param_block_rms", "scale_by_sign", "normalize_by_update_norm",
     "scale_by_polyak", "freeze", "snapshot", "monitor", "skip_not_finite",
-    "skip_large_updates", "selective_transform",
+    "skip_large_updates", "selective_transform", "scale_by_shape",
 })
 # Wrappers of a user's function: optaxclip cannot tell what the function does.
 _OPTAX_USER_FUNCTIONS = frozenset({"stateless", "stateless_with_tree_map"})
