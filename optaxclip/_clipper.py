@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -223,6 +223,8 @@ class StackedSpec(ClipSpec):
     layer, a ``[L, in, out]`` kernel under AGC one per layer and output unit, a
     ``[L]`` leaf one per entry. Scalars are one layer.
     """
+
+    stacked_layers: ClassVar[bool] = True
 
 
 def stacked_spec(spec: ClipSpec, stacked: Any) -> ClipSpec:

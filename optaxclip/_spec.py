@@ -165,6 +165,11 @@ def wrapper_name(update_fn: Any) -> str:
     return getattr(update_fn, "optaxclip_wrapper_name", "wrapper")
 
 
+def is_stacked(spec: ClipSpec) -> bool:
+    """Whether ``spec`` treats every leaf's leading axis as stacked layers."""
+    return bool(getattr(spec, "stacked_layers", False))
+
+
 def spec_of(tx: Any) -> ClipSpec | None:
     """The ``ClipSpec`` of an optaxclip clipper (a transformation or its update function).
 

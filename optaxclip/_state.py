@@ -123,7 +123,8 @@ def _fraction(flags: list[Array]) -> Array:
     return hits / max(count, 1)
 
 
-def _summaries(record: ClipStats, scope: str, per_leaf: bool) -> dict[str, Array]:
+def _summaries(record: ClipStats, scope: str, per_leaf: bool,
+               stacked: bool = False) -> dict[str, Array]:
     """Scalars for one ClipStats; per-leaf and unit-wise stats are summarised."""
     norms = _leaves(record.norm)
     thresholds = _leaves(record.threshold)
@@ -149,7 +150,7 @@ def _summaries(record: ClipStats, scope: str, per_leaf: bool) -> dict[str, Array
         out["clipped"] = _reduce(jnp.any, clipped)
         out["clipped_fraction"] = _fraction(clipped)
     if per_leaf:
-        out.update(_per_leaf(record, scales is not None, layered=scope == "leaf"))
+        out.update(_per_leaf(record, scales is not None, layered=scope == "leaf" or stacked))
     return out
 
 
@@ -165,9 +166,10 @@ def _is_shared(threshold: Any) -> bool:
 def _per_leaf(record: ClipStats, has_scale: bool, layered: bool = False) -> dict[str, Array]:
     """``leaves/<leaf path>/<field>`` entries; per-unit values are summarised per leaf.
 
-    With ``layered`` (a per-leaf clipper), a leaf whose norm is a vector holds
-    stacked layers (``stacked=True``): each layer also gets
-    ``leaves/<leaf path>/layers/<index>/<field>`` entries.
+    With ``layered`` (a per-leaf clipper, or a stacked unit-wise one), a leaf
+    whose norm has a leading axis holds stacked layers (``stacked=True``): each
+    layer also gets ``leaves/<leaf path>/layers/<index>/<field>`` entries, its
+    per-unit values summarised per layer as the leaf's are.
     """
     out = {}
     norm_entries = jax.tree_util.tree_flatten_with_path(record.norm)[0]
@@ -182,7 +184,7 @@ def _per_leaf(record: ClipStats, has_scale: bool, layered: bool = False) -> dict
         if scales is not None:
             out[f"{key}/scale"] = jnp.min(jnp.asarray(scales[index]))
         out[f"{key}/clipped"] = jnp.any(jnp.asarray(flags[index]))
-        if layered and jnp.ndim(norm) == 1:
+        if layered and jnp.ndim(norm) >= 1:
             out.update(_per_layer(key, index, norm, thresholds, scales, flags))
     return out
 
@@ -192,20 +194,20 @@ def _per_layer(key: str, index: int, norm: Any, thresholds: Any, scales: Any,
     out = {}
     for layer in range(jnp.shape(norm)[0]):
         prefix = f"{key}/layers/{layer}"
-        out[f"{prefix}/norm"] = jnp.asarray(norm)[layer]
+        out[f"{prefix}/norm"] = jnp.max(jnp.asarray(norm)[layer])
         if thresholds is not None:
             limit = jnp.asarray(thresholds[index])
-            out[f"{prefix}/threshold"] = limit[layer] if limit.ndim else limit
+            out[f"{prefix}/threshold"] = jnp.min(limit[layer]) if limit.ndim else limit
         if scales is not None:
-            out[f"{prefix}/scale"] = jnp.asarray(scales[index])[layer]
-        out[f"{prefix}/clipped"] = jnp.asarray(flags[index])[layer]
+            out[f"{prefix}/scale"] = jnp.min(jnp.asarray(scales[index])[layer])
+        out[f"{prefix}/clipped"] = jnp.any(jnp.asarray(flags[index])[layer])
     return out
 
 
 def _values(node: Any, per_leaf: bool) -> tuple[str, dict[str, Array]]:
     spec = _spec.spec_for_state(node)
     if spec is not None:
-        values = _summaries(node.stats, spec.scope, per_leaf)
+        values = _summaries(node.stats, spec.scope, per_leaf, _spec.is_stacked(spec))
         for field in spec.stat_fields:
             value = node
             for attribute in field.split("."):

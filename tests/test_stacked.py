@@ -186,3 +186,31 @@ def test_flax_scanned_block():
         np.testing.assert_allclose(got[layer], expected, rtol=1e-5, atol=1e-9)
     stats = oc.stats(state, per_leaf=True)
     assert any("layers/Dense_0/kernel/layers/2/norm" in key for key in stats), sorted(stats)
+
+
+def test_stats_per_leaf_reports_per_layer_unit_norms_for_agc():
+    """AGC's per-unit stats are summarised per layer: its largest unit norm, smallest scale."""
+    tx = CLIPPERS["adaptive_grad_clip"](True)
+    grads = stacked_tree(3.0, seed=7)
+    params = stacked_tree(1.0, seed=8)
+    _, state = tx.update(grads, tx.init(params), params)
+    stats = oc.stats(state, per_leaf=True)
+    for key, x in grads.items():
+        x = np.asarray(x, np.float64)
+        for layer in range(LAYERS):
+            entries = x[layer]
+            # Kernels: one unit per output column; vectors and scalars are one unit.
+            unit_norms = (np.sqrt(np.sum(entries**2, axis=0)) if entries.ndim == 2
+                          else np.sqrt(np.sum(entries**2)))
+            got = float(stats[f"adaptive_grad_clip/leaves/{key}/layers/{layer}/norm"])
+            assert got == pytest.approx(float(np.max(unit_norms)), rel=1e-5), (key, layer)
+            scale = float(stats[f"adaptive_grad_clip/leaves/{key}/layers/{layer}/scale"])
+            assert 0 <= scale <= 1
+            assert bool(stats[f"adaptive_grad_clip/leaves/{key}/layers/{layer}/clipped"]) == (
+                scale < 1)
+        assert float(stats[f"adaptive_grad_clip/leaves/{key}/norm"]) == pytest.approx(max(
+            float(stats[f"adaptive_grad_clip/leaves/{key}/layers/{i}/norm"])
+            for i in range(LAYERS)))
+    plain = CLIPPERS["adaptive_grad_clip"](False)
+    _, plain_state = plain.update(grads, plain.init(params), params)
+    assert not any("/layers/" in key for key in oc.stats(plain_state, per_leaf=True))
