@@ -73,13 +73,13 @@ $(MIN_STAMP): pyproject.toml tools/min_requirements.py
 	$(PY_MIN) -m pip install -q --upgrade pip
 	$(PY_MIN) tools/min_requirements.py > $(VENV_MIN)/minimums.txt
 	$(PY_MIN) -m pip install -q -c $(VENV_MIN)/minimums.txt -r $(VENV_MIN)/minimums.txt \
-		-e . pytest hypothesis "flax>=0.11" scikit-learn
+		-e . pytest pytest-xdist hypothesis "flax>=0.11" scikit-learn
 	$(PY_MIN) tools/min_requirements.py --check
 	touch $(MIN_STAMP)
 
 test-min: $(MIN_STAMP)
 	$(PY_MIN) tools/min_requirements.py --check
-	$(PY_MIN) -m pytest -q -m "not parity" $(MIN_DESELECT) $(CORE_TESTS)
+	$(PY_MIN) -m pytest -n 2 --dist load -q -m "not parity" $(MIN_DESELECT) $(CORE_TESTS)
 
 demo: $(DEMO_STAMP)
 	$(PY) examples/demo.py
