@@ -644,7 +644,7 @@ def moment_probe(b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransforma
                     .astype(v.dtype), updates, state.nu)
         return updates, optax.ScaleByAdamState(optax.safe_increment(state.count), mu, nu)
 
-    update_fn.optaxclip_passes_updates = True
+    setattr(update_fn, "optaxclip_passes_updates", True)  # noqa: B010 (pyright: unknown attribute)
     return optax.GradientTransformation(init_fn, update_fn)
 
 
