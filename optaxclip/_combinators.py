@@ -424,6 +424,8 @@ def leaf_kind(update: Any, state: Any, previous: str | None) -> tuple[Kind | Non
     not name: ``_structure`` then decides by its state (a float tree shaped like
     the parameters is a moment accumulator).
     """
+    if _spec.is_gradient_stage(update):
+        return "clipper", ""
     spec = _spec.spec_of(update)
     if spec is not None:
         if spec.role == "monitor":

@@ -141,6 +141,21 @@ def attach(update_fn: Any, spec: ClipSpec) -> Any:
     return update_fn
 
 
+# The attribute of a gradient clipper that has no ClipSpec (its output is not shaped
+# like its input, as per-example clipping's): check_order still places it as one.
+_GRADIENT_STAGE_ATTRIBUTE = "optaxclip_gradient_stage"
+
+
+def mark_gradient_stage(update_fn: Any) -> Any:
+    """Marks ``update_fn`` as a gradient clipper for ``check_order`` (no spec attached)."""
+    setattr(update_fn, _GRADIENT_STAGE_ATTRIBUTE, True)
+    return update_fn
+
+
+def is_gradient_stage(update_fn: Any) -> bool:
+    return bool(getattr(update_fn, _GRADIENT_STAGE_ATTRIBUTE, False))
+
+
 # The attribute of a wrapper's update function naming the transformation it runs,
 # where that one's state sits in the wrapper's state (None: the same state), and
 # how to build the same wrapper around another inner transformation.

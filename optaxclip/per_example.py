@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optaxclip import _norms, _scaling, _state
+from optaxclip import _norms, _scaling, _spec, _state
 from optaxclip._registry import register_factory
 from optaxclip._validate import is_traced, validate_int, validate_real, validate_threshold
 
@@ -373,4 +373,5 @@ def clip_per_example(
         return treedef.unflatten(out), ClipPerExampleState(
             jnp.asarray(optax.safe_increment(state.count)), key, stats)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # It clips gradients, so it goes before the moments: check_order places it so.
+    return optax.GradientTransformationExtraArgs(init_fn, _spec.mark_gradient_stage(update_fn))

@@ -328,3 +328,12 @@ def test_inject_hyperparams_traces_max_norm():
         unlisted = optax.inject_hyperparams(oc.clip_per_example)(max_norm=1.0,
                                                                  noise_multiplier=0.5)
         jax.jit(unlisted.update)(_grads(0), unlisted.init(None))
+
+
+def test_check_order_places_per_example_clipping_before_the_moments():
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
+    good = optax.chain(oc.clip_per_example(1.0), optax.adam(1e-3))
+    stages = oc.check_order(good, params)
+    assert [s.kind for s in stages][0] == "clipper"
+    with pytest.raises(oc.OrderingError, match="clip_per_example"):
+        oc.check_order(optax.chain(optax.scale_by_adam(), oc.clip_per_example(1.0)), params)
