@@ -85,14 +85,19 @@ def under_vmap(config: models.MLPConfig, members: int, repeats: int) -> dict:
     problem = models.mlp_problem(config)
     steps = {name: _Vmapped(problem, make(), members)
              for name, make in guard_transforms().items()}
-    out = {"members": members, "times": _timed(steps, repeats),
-           "memory": {k: suites._memory(s.compiled) for k, s in steps.items()},
-           "conditionals": {k: hlo.analyse(s.compiled.as_text())["conditionals"]
-                            for k, s in steps.items()}}
-    del steps
+    return {"members": members, **_measured(steps, repeats)}
+
+
+
+def _measured(steps: dict, repeats: int) -> dict:
+    """Times, memory plans and conditionals of compiled steps; frees them afterwards."""
+    out = {"times": _timed(steps, repeats),
+           "memory": {k: suites._memory(s_.compiled) for k, s_ in steps.items()},
+           "conditionals": {k: hlo.analyse(s_.compiled.as_text())["conditionals"]
+                            for k, s_ in steps.items()}}
+    steps.clear()
     gc.collect()
     return out
-
 
 class _Sharded:
     """A data-parallel train step under ``shard_map``: batch split over 8 devices, the
@@ -129,13 +134,7 @@ def under_shard_map(config: models.MLPConfig, repeats: int) -> dict:
     mesh = jax.make_mesh((len(devices),), ("data",))
     problem = models.mlp_problem(config)
     steps = {name: _Sharded(problem, make(), mesh) for name, make in guard_transforms().items()}
-    out = {"devices": len(devices), "times": _timed(steps, repeats),
-           "memory": {k: suites._memory(s.compiled) for k, s in steps.items()},
-           "conditionals": {k: hlo.analyse(s.compiled.as_text())["conditionals"]
-                            for k, s in steps.items()}}
-    del steps
-    gc.collect()
-    return out
+    return {"devices": len(devices), **_measured(steps, repeats)}
 
 
 def shard_map_in_subprocess(config: models.MLPConfig, repeats: int, log: Any = print) -> dict:
