@@ -43,7 +43,9 @@ def checked(
       again in the clipper's own norm (its ``ClipSpec``: scope, order, RMS,
       ``axis_name``) against the recorded threshold(s), the recorded pre-clip
       norm is checked against the input's, and for scaling clippers
-      ``out == g * scale`` is checked up to rounding. A failure names the leaf;
+      ``out == g * scale`` is checked up to rounding (``rtol`` plus two ulps of
+      the output's dtype, relative; near zero, the output dtype's smallest
+      subnormal, or 1e-30 for wider dtypes, absolute). A failure names the leaf;
     * every clipper in the new state (reachable or not, e.g. inside
       ``inject_hyperparams``) must have recorded a consistent step:
       ``norm * scale <= threshold * (1 + rtol)`` per scope and a scale in
@@ -85,6 +87,8 @@ def checked(
       no clipper in ``tx``             only the finiteness check
       NaN / inf gradients              fails: "update is not finite"
       threshold ``inf``                bound trivially holds
+      ``g * scale`` below the output   passes: the entry is stored as 0 (fp16:
+      dtype's smallest subnormal       below 6e-8)
       plain ``jax.jit``                ``ValueError`` naming ``chex.chexify``
       ``tx`` is a factory              ``TypeError`` (call it first)
       ``rtol`` negative or NaN         ``ValueError``
@@ -262,8 +266,13 @@ def _check_scale_applied(spec: ClipSpec, finite_in: Array, g: Any, u: Any, scale
             s = jnp.expand_dims(s, axes)
         wide = jnp.promote_types(_norms.accumulation_dtype(grad.dtype), jnp.float32)
         expected = grad.astype(jnp.result_type(wide, grad.dtype)) * s.astype(wide)
-        slack = (rtol + 2 * float(jnp.finfo(out.dtype).eps)) * jnp.abs(expected)
-        excess = jnp.abs(out.astype(expected.dtype) - expected) - slack - 1e-30
+        finfo = jnp.finfo(out.dtype)
+        slack = (rtol + 2 * float(finfo.eps)) * jnp.abs(expected)
+        # Near zero the output's resolution is absolute: an entry below the output
+        # dtype's smallest subnormal (fp16: 6e-8) is stored as 0. 1e-30 covers
+        # float32 subnormals flushed to zero.
+        floor = max(1e-30, float(finfo.smallest_subnormal))
+        excess = jnp.abs(out.astype(expected.dtype) - expected) - slack - floor
         worst = jnp.max(jnp.where(jnp.isfinite(s), excess, 0), initial=0)
         checkify.check(
             ~finite_in | (worst <= 0),

@@ -317,3 +317,20 @@ def test_finite_gradients_whose_float32_norm_overflows_are_scaled_not_zeroed(nam
         magnitude = np.abs(np.asarray(leaf, np.complex128))
         assert np.all(np.isfinite(magnitude)) and np.all(magnitude > 1.0), (name, out)
         assert np.all(magnitude <= 1e3 * (1 + 1e-6)), (name, out)
+
+
+@pytest.mark.parametrize("name", ["adaptive_grad_clip", "clip_by_norm", "clip_by_global_norm"])
+def test_checked_accepts_fp16_entries_scaled_below_the_smallest_subnormal(name):
+    """fp16 gradients of a few subnormals, scaled by ~1e-25: the exact products are
+    about 1e-30, below fp16's smallest subnormal (6e-8), so the clipper stores 0.
+    checked's applied-scale check allowed only 1e-30 of absolute error and fired."""
+    from jax.experimental import checkify
+
+    tiny = float(jnp.finfo(jnp.float16).smallest_subnormal)
+    grads = jnp.asarray(np.linspace(-8, 8, 12).reshape(4, 3) * tiny, jnp.float16)
+    params = jnp.asarray(np.linspace(0.5, 1.5, 12).reshape(4, 3), jnp.float16)
+    tx = oc.checked(oc.registered_factories()[name].build(1e-30))
+    error, (out, state) = checkify.checkify(tx.update)(grads, tx.init(params), params)
+    error.throw()
+    assert np.all(np.asarray(out) == 0)
+    assert all(bool(c) for c in jax.tree.leaves(state.stats.clipped))
