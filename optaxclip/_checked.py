@@ -87,8 +87,7 @@ def checked(
       no clipper in ``tx``             only the finiteness check
       NaN / inf gradients              fails: "update is not finite"
       threshold ``inf``                bound trivially holds
-      ``g * scale`` below the output   passes: the entry is stored as 0 (fp16:
-      dtype's smallest subnormal       below 6e-8)
+      ``g * scale`` < smallest subn.   passes (stored as 0; fp16: below 6e-8)
       plain ``jax.jit``                ``ValueError`` naming ``chex.chexify``
       ``tx`` is a factory              ``TypeError`` (call it first)
       ``rtol`` negative or NaN         ``ValueError``
