@@ -115,7 +115,8 @@ def zclip(
       warmup steps                 clipped to ``max_norm`` only
       zero gradients               zeros; the EMAs see 0
       constant norms (sigma = 0)   any larger norm is a spike, clipped to
-                                   ``mu`` (every mode)
+                                   ``mu`` (every mode); ``mu`` and ``sigma``
+                                   stay exactly as they were
       NaN / inf norm               every entry NaN, in warmup too and with
                                    ``max_norm=None``; EMAs and warmup
                                    untouched
@@ -212,9 +213,15 @@ def zclip(
         relative = jnp.where(spike, adaptive, boundary)
         threshold = jnp.where(in_warmup, limit, jnp.minimum(relative, limit))
 
+        # The EMA step in increment form: with d = x - mu, mu' = mu + (1 - alpha) d and
+        # x - mu' = alpha d exactly, so the deviation is not the difference of two
+        # nearly equal numbers. (alpha mu + (1 - alpha) x, then x - mu', rounds
+        # differently eagerly and under jit, and turned sigma = 0 into 4e-8 on a
+        # constant norm.) d cannot overflow: both norms are finite and >= 0.
         fed_back = jnp.where(spike, adaptive, norm)
-        new_mean = alpha * mean + (1 - alpha) * fed_back
-        new_std = _history.scaled_rms(alpha, std, 1 - alpha, fed_back - new_mean)
+        step = fed_back - mean
+        new_mean = mean + (1 - alpha) * step
+        new_std = _history.scaled_rms(alpha, std, 1 - alpha, alpha * step)
         live = finite & ~in_warmup
         ema_mean = jnp.where(warmup_done, first_mean, jnp.where(live, new_mean, mean))
         ema_std = jnp.where(warmup_done, first_std, jnp.where(live, new_std, std))

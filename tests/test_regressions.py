@@ -334,3 +334,20 @@ def test_checked_accepts_fp16_entries_scaled_below_the_smallest_subnormal(name):
     error.throw()
     assert np.all(np.asarray(out) == 0)
     assert all(bool(c) for c in jax.tree.leaves(state.stats.clipped))
+
+
+def test_zclip_ema_agrees_eagerly_and_under_jit_when_a_spike_is_fed_back_at_the_mean():
+    """After a constant-norm warmup (sigma = 0) a spike feeds the EMA mean itself back.
+    alpha mu + (1 - alpha) mu rounded to mu + 1 ulp eagerly and to mu under jit, and
+    x - mu' then made sigma 4e-8 in one mode and 0 in the other."""
+    tx = oc.zclip(warmup_steps=3, max_norm=1.0)
+    state = tx.init(None)
+    warm = jnp.full((4, 3), 1.0, jnp.float16)  # norm sqrt(12), not exact in float32
+    for _ in range(6):
+        _, state = jax.jit(tx.update)(warm, state)
+    spike = warm * 300
+    _, eager = tx.update(spike, state)
+    _, jitted = jax.jit(tx.update)(spike, state)
+    for field in ("ema_mean", "ema_std"):
+        assert np.asarray(getattr(eager, field)) == np.asarray(getattr(jitted, field)), field
+    assert float(eager.ema_std) == 0.0 and float(eager.ema_mean) == float(state.ema_mean)
