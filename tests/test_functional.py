@@ -104,7 +104,9 @@ def test_monitor_passes_updates_on_bit_for_bit_and_records_the_norm(tree, mode, 
     out, state = contracts.run_update(tx, tree, tx.init(tree), mode=mode)
     _same_bits(out, tree)
     reference = oc.clip_by_norm(1.0, ord=ord) if per_leaf else oc.clip_by_global_norm(1.0, ord=ord)
-    _, clipper_state = jax.jit(reference.update)(tree, reference.init(tree))
+    # The clipper in the same mode: eagerly and under jit XLA may round a norm
+    # differently (a complex64 scalar's norm differed in the last bit).
+    _, clipper_state = contracts.run_update(reference, tree, reference.init(tree), mode=mode)
     _same_bits(state.stats.norm, clipper_state.stats.norm)
     assert int(state.count) == 1
     assert not any(bool(jnp.any(c)) for c in jax.tree.leaves(state.stats.was_clipped()))
