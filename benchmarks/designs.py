@@ -290,6 +290,25 @@ def skip_nonfinite_select(inner: optax.GradientTransformation) -> optax.Gradient
     return optax.GradientTransformation(_guard_init(inner), update_fn)
 
 
+def skip_nonfinite_barrier(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """The select form with the inner update's outputs materialised once
+    (``lax.optimization_barrier``): the selects read the new state instead of each
+    fusing the moment update again, so the old moments have one reader before the
+    selected state overwrites them in place."""
+
+    def update_fn(updates: Any, state: GuardState, params: Any = None) -> tuple[Any, GuardState]:
+        norm = _norms.global_norm(updates).astype(jnp.float32)
+        skip = ~jnp.isfinite(norm)
+        new_updates, new_inner = lax.optimization_barrier(
+            inner.update(updates, state.inner_state, params))
+        pick = lambda old, new: jax.tree.map(lambda o, n: jnp.where(skip, o, n), old, new)
+        return pick(_float_zeros(new_updates), new_updates), GuardState(
+            pick(state.inner_state, new_inner), skip,
+            state.num_skipped + skip.astype(jnp.int32), norm)
+
+    return optax.GradientTransformation(_guard_init(inner), update_fn)
+
+
 def skip_nonfinite_cond(inner: optax.GradientTransformation) -> optax.GradientTransformation:
     """The ``lax.cond`` form: the skip branch returns zeros and the old state, the apply
     branch runs the inner update. Under ``jax.vmap`` with a batched predicate the cond

@@ -37,6 +37,7 @@ def guard_transforms(with_spike: bool = False
         "library skip_nonfinite": lambda: optaxclip.skip_nonfinite(inner()),
         "select form": lambda: designs.skip_nonfinite_select(inner()),
         "cond form": lambda: designs.skip_nonfinite_cond(inner()),
+        "select form, barrier": lambda: designs.skip_nonfinite_barrier(inner()),
     }
     if with_spike:
         out["library skip_on_spike"] = lambda: optaxclip.skip_on_spike(inner())
