@@ -816,8 +816,11 @@ def _compare_to_inner(name: str, out: Any, want_out: Any, scale: float, treedef:
         a64, b64 = _wide(np.asarray(a)), _wide(np.asarray(b))
         b64 = b64 * scale if scale != 1 else b64  # (inf + 0j) * 1.0 is inf + nan j
         tol = _tolerance(np.asarray(a).dtype)
+        # The output is stored in its own dtype: near zero its resolution is the
+        # smallest subnormal (fp16: 6e-8; a warmup-scaled fp16 entry of 1e-9 is 0).
+        floor = max(1e-30, float(jnp.finfo(np.asarray(a).dtype).smallest_subnormal))
         near = np.isclose(a64, b64, rtol=tol, atol=tol * np.max(np.abs(b64[np.isfinite(b64)]),
-                          initial=0) + 1e-30, equal_nan=True) | (np.isinf(a64) & (a64 == b64))
+                          initial=0) + floor, equal_nan=True) | (np.isinf(a64) & (a64 == b64))
         if len(float_outs) == len(grad_positions):  # leaves line up with the gradients
             unsure = unsure_at[grad_positions[float_outs.index(k)]]
             if unsure.shape == near.shape:

@@ -165,3 +165,24 @@ def test_spike_example_language_model_runs_at_tiny_size():
         assert math.isfinite(row["median_final_loss"]), name
         assert row["worst_excursion"] >= 1.0 and row["diverged"] == 0, name
         assert row["median_final_loss"] < math.log(module.LM_VOCAB) + 1, name
+
+
+def test_contracts_hold_for_fp16_entries_scaled_below_the_smallest_subnormal_after_a_reset():
+    """The step after a moment reset scales the update by the warmup factor: fp16
+    gradients of a few subnormals times ~0.02 are below fp16's smallest subnormal and
+    are stored as 0. The contract check compared them with the float64 products
+    (1e-9) and allowed only 1e-30 of absolute error (a fuzz finding)."""
+    import optaxclip.testing as contracts
+
+    tiny = float(jnp.finfo(jnp.float16).smallest_subnormal)
+    grads = jnp.asarray(np.array([[8.0, -16.0, -28.0]]) * tiny, jnp.float16)
+    params = jnp.ones_like(grads)
+    tx = oc.spam(contracts.moment_probe(), theta=1e30, reset_interval=4, warmup_steps=2)
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = jax.jit(tx.update)(grads * 0 + 0.01, state, params)
+    out, new_state = contracts.assert_moment_clip_contracts(tx, grads, state, params,
+                                                           mode="eager")
+    assert int(new_state.spam.num_resets) == 1
+    assert float(new_state.spam.warmup_scale) < 1
+    assert np.all(np.asarray(out) == 0)
