@@ -13,7 +13,8 @@ Contenders:
   * ``optax.per_example_layer_norm_clip(uniform=True)`` and
     ``clip_per_example(reduce="sum", per_layer=True)``;
   * ``clip_per_example(reduce="sum", noise_multiplier=1.0)`` (DP-SGD noise);
-  * jax_privacy's ``clip_pytree`` when it is importable (not installed here).
+  * jax_privacy's ``clip_pytree`` (``jax.vmap`` over the examples, then the sum), when
+    it is importable (the ``bench`` extra installs it).
 
 Run: ``python -m benchmarks.per_example [--repeats N] [--quick]``; it prints a
 Markdown table (the source of benchmarks/PER_EXAMPLE.md).
@@ -108,13 +109,22 @@ class _Timed:
         jax.block_until_ready(self.compiled(self.grads))
 
 
-def check_numerics(grads: dict[str, Any]) -> float:
-    """Largest relative difference of our sums from optax's (the two must agree)."""
-    want, _ = optax.per_example_global_norm_clip(jax.tree.leaves(grads), MAX_NORM)
-    tx = oc.clip_per_example(MAX_NORM, reduce="sum")
-    got = jax.tree.leaves(jax.jit(tx.update)(grads, tx.init(None))[0])
+def _largest_difference(got: list[Any], want: list[Any]) -> float:
     return max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
                for a, b in zip(got, want))
+
+
+def check_numerics(grads: dict[str, Any]) -> dict[str, float]:
+    """Largest relative difference of our sums from optax's and from jax_privacy's
+    (when installed); they must agree."""
+    tx = oc.clip_per_example(MAX_NORM, reduce="sum")
+    got = jax.tree.leaves(jax.jit(tx.update)(grads, tx.init(None))[0])
+    want, _ = optax.per_example_global_norm_clip(jax.tree.leaves(grads), MAX_NORM)
+    out = {"optax": _largest_difference(got, want)}
+    privacy = _jax_privacy_contender()
+    if privacy is not None:
+        out["jax_privacy"] = _largest_difference(got, jax.tree.leaves(jax.jit(privacy)(grads)))
+    return out
 
 
 def run(cases: dict[str, tuple[trees.Shapes, int]], repeats: int) -> dict[str, Any]:
@@ -127,7 +137,7 @@ def run(cases: dict[str, tuple[trees.Shapes, int]], repeats: int) -> dict[str, A
             "entries_per_example": sum(int(np.prod(s)) for s in shapes.values()),
             "leaves": len(shapes),
             "batch": batch,
-            "max_rel_diff_vs_optax": check_numerics(grads),
+            "max_rel_diff": check_numerics(grads),
             "timings": {name: timing.summary(s) for name, s in samples.items()},
             "hlo": {name: t.hlo for name, t in timed.items()},
         }
@@ -138,6 +148,7 @@ RATIOS = (
     ("optaxclip.clip_per_example", "optax.per_example_global_norm_clip"),
     ("optaxclip.clip_per_example(per_layer)", "optax.per_example_layer_norm_clip"),
     ("optaxclip.clip_per_example(noise)", "optax.per_example_global_norm_clip"),
+    ("optaxclip.clip_per_example", "jax_privacy.clip_pytree"),
 )
 
 
@@ -150,8 +161,8 @@ def render(results: dict[str, Any]) -> str:
             f"### {label}",
             "",
             f"{case['leaves']} leaves, {case['entries_per_example']:,} entries per example, "
-            f"B={case['batch']}; largest relative difference of the clipped sum from optax's: "
-            f"{case['max_rel_diff_vs_optax']:.1e}.",
+            f"B={case['batch']}; largest relative difference of the clipped sum from "
+            + ", ".join(f"{k}'s: {v:.1e}" for k, v in case["max_rel_diff"].items()) + ".",
             "",
             "| contender | median ms | q1-q3 ms | x floor | kernels |",
             "|---|---:|---:|---:|---:|",

@@ -46,6 +46,11 @@ def checked(
       ``out == g * scale`` is checked up to rounding (``rtol`` plus two ulps of
       the output's dtype, relative; near zero, the output dtype's smallest
       subnormal, or 1e-30 for wider dtypes, absolute). A failure names the leaf;
+    * ``clip_per_example`` (no ``ClipSpec``: it reduces the batch) is checked
+      on its own terms: without noise the output's norm is at most
+      ``max_norm`` (times ``B`` for ``reduce="sum"``), the recorded
+      ``norm_max`` is the input's largest per-example norm, and
+      ``clipped_fraction`` is the fraction of examples above the threshold;
     * every clipper in the new state (reachable or not, e.g. inside
       ``inject_hyperparams``) must have recorded a consistent step:
       ``norm * scale <= threshold * (1 + rtol)`` per scope and a scale in
@@ -186,11 +191,14 @@ def _instrument(tx: Any, rtol: float) -> Any:
 def _tap(tx: Any, rtol: float) -> optax.GradientTransformationExtraArgs:
     inner = optax.with_extra_args_support(tx)
     spec = _spec.spec_of(_combinators.unwrap(tx.update))
+    per_example = getattr(_combinators.unwrap(tx.update), _spec.PER_EXAMPLE_ATTRIBUTE, None)
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any):
         out, new_state = inner.update(updates, state, params, **extra_args)
         new_state = cast(Any, new_state)  # a clipper's NamedTuple state, or anything else
-        if spec is not None:
+        if per_example is not None:
+            _verify_per_example(*per_example, updates, out, new_state.stats, rtol)
+        elif spec is not None:
             _verify_clipper(spec, updates, out, new_state.stats, rtol)
         elif _is_clipper_state(new_state) and new_state.stats.scale is not None:
             # A clipper state from an update that does not carry its spec (a
@@ -246,6 +254,55 @@ def _verify_clipper(spec: ClipSpec, g: Any, u: Any, record: ClipStats, rtol: flo
         )
     if record.scale is not None:
         _check_scale_applied(spec, finite_in, g, u, record.scale, rtol)
+
+
+def _verify_per_example(reduce: str, per_layer: bool, g: Any, out: Any, record: Any,
+                        rtol: float) -> None:
+    """``clip_per_example``: the reduced output inside its ball (without noise), and
+    the recorded largest norm and clipped fraction against the input's."""
+    leaves = [jnp.asarray(x) for x in _norms._float_leaves(g)]
+    if not leaves or leaves[0].shape[0] == 0:
+        return
+    batch = leaves[0].shape[0]
+    finite_in = jnp.isfinite(_norms.global_norm(leaves, math.inf))
+    threshold = jnp.asarray(record.threshold, jnp.float32)
+    norms = _norms.batched_global_norm(leaves).astype(jnp.float32)
+    bound = threshold * (batch if reduce == "sum" else 1) * (1 + rtol)
+    measured = _norms.global_norm(out).astype(jnp.float32)
+    checkify.check(
+        ~finite_in | (record.noise_std > 0) | (measured <= bound),
+        "optaxclip.checked: clip_per_example's output has norm {measured}, above the "
+        "bound {bound} (max_norm, times B for reduce='sum') * (1 + rtol).",
+        measured=measured, bound=bound,
+    )
+    largest = jnp.max(norms)
+    close = (largest == record.norm_max) | (
+        jnp.abs(largest - record.norm_max) <= 1e-4 * jnp.maximum(largest, 1e-30)
+    )
+    checkify.check(
+        ~finite_in | close,
+        "optaxclip.checked: clip_per_example recorded norm_max {recorded}, but the "
+        "largest per-example norm of the input is {actual}.",
+        recorded=record.norm_max, actual=largest,
+    )
+    # An example is clipped when its norm (per layer: one of its layers' norms) is
+    # above the threshold; within rounding of it, either answer is right.
+    if per_layer:
+        limit = threshold / math.sqrt(len(leaves))
+        per_leaf = jnp.stack([_norms.batched_global_norm([x]).astype(jnp.float32)
+                              for x in leaves])
+        surely = jnp.any(per_leaf > limit * (1 + 1e-5), axis=0)
+        maybe = jnp.any(per_leaf > limit * (1 - 1e-5), axis=0)
+    else:
+        surely, maybe = norms > threshold * (1 + 1e-5), norms > threshold * (1 - 1e-5)
+    low, high = jnp.mean(surely.astype(jnp.float32)), jnp.mean(maybe.astype(jnp.float32))
+    fraction = record.clipped_fraction
+    checkify.check(
+        ~finite_in | ((fraction >= low - 1e-6) & (fraction <= high + 1e-6)),
+        "optaxclip.checked: clip_per_example recorded clipped_fraction {fraction}, but "
+        "{low} to {high} of the examples are above the threshold.",
+        fraction=fraction, low=low, high=high,
+    )
 
 
 def _check_scale_applied(spec: ClipSpec, finite_in: Array, g: Any, u: Any, scale: Any,

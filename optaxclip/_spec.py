@@ -146,6 +146,10 @@ def attach(update_fn: Any, spec: ClipSpec) -> Any:
 _GRADIENT_STAGE_ATTRIBUTE = "optaxclip_gradient_stage"
 
 
+# The attribute of clip_per_example's update function: ``(reduce, per_layer)``.
+PER_EXAMPLE_ATTRIBUTE = "optaxclip_per_example"
+
+
 def mark_gradient_stage(update_fn: Any) -> Any:
     """Marks ``update_fn`` as a gradient clipper for ``check_order`` (no spec attached)."""
     setattr(update_fn, _GRADIENT_STAGE_ATTRIBUTE, True)

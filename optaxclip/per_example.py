@@ -374,4 +374,6 @@ def clip_per_example(
             jnp.asarray(optax.safe_increment(state.count)), key, stats)
 
     # It clips gradients, so it goes before the moments: check_order places it so.
+    # optaxclip.checked reads how it reduces, to check its output and stats.
+    setattr(update_fn, _spec.PER_EXAMPLE_ATTRIBUTE, (reduce, per_layer))  # noqa: B010
     return optax.GradientTransformationExtraArgs(init_fn, _spec.mark_gradient_stage(update_fn))

@@ -337,3 +337,57 @@ def test_check_order_places_per_example_clipping_before_the_moments():
     assert [s.kind for s in stages][0] == "clipper"
     with pytest.raises(oc.OrderingError, match="clip_per_example"):
         oc.check_order(optax.chain(optax.scale_by_adam(), oc.clip_per_example(1.0)), params)
+
+
+# ---------------------------------------------------------------- optaxclip.checked
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 3.0, math.inf])
+def test_checked_verifies_per_example_clipping_and_passes_it(reduce, per_layer, noise,
+                                                             max_norm):
+    from jax.experimental import checkify
+
+    if noise and max_norm == math.inf:
+        return  # infinite noise: a non-finite update, which checked reports like any other
+    tx = oc.checked(optax.chain(
+        oc.clip_per_example(max_norm, reduce=reduce, per_layer=per_layer,
+                            noise_multiplier=noise), optax.sgd(0.1)))
+    grads = _grads(3, batch=6)
+    params = jax.tree.map(lambda x: x[0], grads)
+    error, _ = jax.jit(checkify.checkify(tx.update))(grads, tx.init(params), params)
+    error.throw()
+
+
+def _tampered(change):
+    """clip_per_example with its output or stats altered, still marked as one."""
+    from optaxclip import _spec
+
+    base = oc.clip_per_example(1.0, reduce="sum")
+
+    def update(updates, state, params=None, **extra):
+        out, new_state = base.update(updates, state, params, **extra)
+        return change(out, new_state)
+
+    setattr(update, _spec.PER_EXAMPLE_ATTRIBUTE, ("sum", False))  # noqa: B010
+    return optax.GradientTransformation(base.init, update)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda out, s: (jax.tree.map(lambda x: x * 10, out), s), "above the bound"),
+    (lambda out, s: (out, s._replace(stats=s.stats._replace(norm_max=s.stats.norm_max * 2))),
+     "recorded norm_max"),
+    (lambda out, s: (out, s._replace(stats=s.stats._replace(clipped_fraction=s.stats
+                                                            .clipped_fraction * 0))),
+     "recorded clipped_fraction"),
+])
+def test_checked_catches_a_per_example_clipper_that_breaks_its_contract(change, message):
+    from jax.experimental import checkify
+
+    tx = oc.checked(_tampered(change))
+    grads = _grads(4, batch=6, scale=5.0)  # every example above the threshold
+    error, _ = checkify.checkify(tx.update)(grads, tx.init(None))
+    with pytest.raises(Exception, match=message):
+        error.throw()
