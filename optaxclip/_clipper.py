@@ -487,15 +487,11 @@ def _clip_entries(spec: ClipSpec, updates: Any, norm: Array | None, threshold: A
             # subnormal (threshold 1, modulus 1e38) and XLA flushes it to 0. The
             # modulus, the division and the product each round: aiming two eps
             # inside the threshold keeps the output's modulus at or under it.
-            # A finite entry's modulus can overflow (3e38 + 2e38j): its phase then
-            # comes from the entry halved, whose modulus fits.
-            wide = jnp.promote_types(g.dtype, jnp.complex64)
+            # A finite entry's modulus can overflow (3e38 + 2e38j), and an infinite
+            # entry's phase is that of its infinite parts: see _scaling.unit_phase.
             radius = threshold.astype(modulus.dtype) * (1 - 2 * float(jnp.finfo(modulus.dtype).eps))
-            big = jnp.isposinf(modulus)
-            half = g.astype(wide) * 0.5
-            numerator = jnp.where(big, half, g.astype(wide))
-            denominator = jnp.where(big, _norms._magnitude(half, modulus.dtype), modulus)
-            unit = numerator / jnp.where(over, denominator, 1).astype(wide)
+            unit = _scaling.unit_phase(g, modulus, over)
+            wide = unit.dtype
             # Threshold 0 zeroes every entry, subnormal ones (modulus 0) too; NaN
             # entries stay NaN, as in the real case.
             zero = (threshold == 0) & ~jnp.isnan(modulus)

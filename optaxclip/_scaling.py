@@ -144,3 +144,32 @@ def _toward_zero_jvp(dtype: Any, primals: tuple, tangents: tuple) -> tuple[Array
     # to jax.grad the conversion is the plain cast, as before the rounding fix.
     (product,), (tangent,) = primals, tangents
     return _toward_zero(product, dtype), tangent.astype(dtype)
+
+
+def unit_phase(g: Array, modulus: Array, where: Array) -> Array:
+    """``g / |g|`` for complex ``g`` where ``where`` holds (elsewhere ``g`` itself).
+
+    ``modulus`` is ``|g|`` in the accumulation dtype. Two cases need care, since
+    ``g / modulus`` would give 0 or NaN there:
+
+    * a finite entry whose modulus overflows (3e38 + 2e38j in complex64): the
+      phase comes from the entry halved, whose modulus fits;
+    * an entry with an infinite component (inf + 5j, -inf + inf j): the phase is
+      that of its infinite components (1, (-1 + 1j) / sqrt(2)), as the real
+      clippers send inf to +limit.
+
+    An entry with a NaN component keeps it (NaN phase). Returns the widened
+    complex dtype (at least complex64).
+    """
+    wide = g.astype(jnp.promote_types(g.dtype, jnp.complex64))
+    re, im = jnp.real(wide), jnp.imag(wide)
+    has_nan = jnp.isnan(re) | jnp.isnan(im)
+    big = jnp.isposinf(modulus) & ~has_nan
+    infinite = jnp.isinf(re) | jnp.isinf(im)
+    direction = lax.complex(jnp.where(jnp.isinf(re), jnp.sign(re), 0).astype(re.dtype),
+                            jnp.where(jnp.isinf(im), jnp.sign(im), 0).astype(im.dtype))
+    half = wide * 0.5
+    numerator = jnp.where(big, jnp.where(infinite, direction, half), wide)
+    bounded = jnp.where(big, numerator, 1)  # every modulus below fits
+    denominator = jnp.where(big, jnp.abs(bounded).astype(modulus.dtype), modulus)
+    return numerator / jnp.where(where, denominator, 1).astype(wide.dtype)

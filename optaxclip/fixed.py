@@ -132,6 +132,9 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
       bf16 / fp16 leaves          clipped in their own dtype, bound exact
       complex entries             scaled to modulus ``<= max_delta`` (a few
                                   ulps inside it), phase kept
+      complex ``inf`` part        modulus ``max_delta`` along the infinite
+                                  parts' phase (``inf + 5j`` -> ``max_delta``);
+                                  a NaN part keeps the entry NaN
       ``max_delta`` above the     finite entries untouched; ``inf`` entries go
       dtype's largest value       to the dtype's largest value (fp16: 65504)
       ==========================  ============================================

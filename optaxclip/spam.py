@@ -163,9 +163,10 @@ def clip_spikes(
         num_clipped += jnp.sum(over).astype(jnp.int32)
         if jnp.iscomplexobj(g):
             # The unit phase first, then the limit: limit / |g| could be subnormal.
-            wide = g.astype(jnp.promote_types(g.dtype, jnp.complex64))
-            phase = wide / jnp.where(over, magnitude, 1).astype(wide.dtype)
-            out[i] = jnp.where(over, (phase * limit.astype(wide.dtype)).astype(g.dtype), g)
+            # An entry whose modulus overflows, or with an infinite component, gets
+            # its phase from _scaling.unit_phase (g / |g| would be 0 or NaN).
+            phase = _scaling.unit_phase(g, magnitude, over)
+            out[i] = jnp.where(over, (phase * limit.astype(phase.dtype)).astype(g.dtype), g)
         else:
             capped = round_down(jnp.where(over, limit, 0), g.dtype)
             out[i] = jnp.where(over, jnp.sign(g) * capped, g)
@@ -275,7 +276,9 @@ def spam(
       * for finite input, every coordinate passed to the inner optimizer has
         ``|g_i| <= sqrt(theta v_i)`` where ``v_i > 0``, exactly in the leaf's
         dtype (the limit is rounded down), and its sign kept; complex
-        coordinates keep their phase;
+        coordinates keep their phase (one whose modulus overflows float32, or
+        with an infinite part, is set to the limit along that phase, as a real
+        ``inf`` is set to ``+limit``);
       * a coordinate with ``g_i^2 <= theta v_i``, or with ``v_i = 0``, reaches
         the inner optimizer bit-identical; with ``reset_interval=None`` a step
         without spikes computes exactly the inner update (bit-identical

@@ -454,7 +454,7 @@ def _check_elements(name: str, paths: list[str], g: list[np.ndarray], o: list[np
             _fail(name, where, "an entry at or under the threshold was changed")
         outside = ~nan_in & (magnitude > t)
         if np.iscomplexobj(g64):
-            want = np.where(outside, g64 * (t / np.where(outside, magnitude, 1)), g64)
+            want = np.where(outside, _np_unit_phase(g64, outside) * t, g64)
             # The clipper aims two eps inside the threshold (see _clip_entries).
             wrong = outside & (np.abs(o64 - want) > 6 * _eps(dtype) * t + 1e-30)
         else:
@@ -707,10 +707,22 @@ def _spike_reference(theta: float, g: np.ndarray, v: Any, dtype: Any):
     ambiguous = (second > 0) & ~over & (magnitude > limit * (1 - BOUND_RTOL))
     with np.errstate(invalid="ignore", divide="ignore"):
         if np.iscomplexobj(g64):
-            capped = g64 * (limit / np.where(over, magnitude, 1))
+            capped = _np_unit_phase(g64, over) * limit
         else:
             capped = np.sign(g64) * _round_down_np(np.where(over, limit, 0.0), dtype)
     return np.where(over, capped, g64), over, ambiguous, limit
+
+
+def _np_unit_phase(g64: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """``g / |g|`` in complex128 where ``where`` holds; an entry with an infinite (and
+    no NaN) component takes the phase of its infinite parts, as inf goes to +limit."""
+    re, im = np.real(g64), np.imag(g64)
+    infinite = (np.isinf(re) | np.isinf(im)) & ~np.isnan(re) & ~np.isnan(im)
+    direction = np.where(np.isinf(re), np.sign(re), 0) + 1j * np.where(np.isinf(im),
+                                                                         np.sign(im), 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        finite = g64 / np.where(where & ~infinite, np.abs(g64), 1)
+        return np.where(infinite, direction / np.where(infinite, np.abs(direction), 1), finite)
 
 
 def _round_down_np(limit: np.ndarray, dtype: Any) -> np.ndarray:

@@ -351,3 +351,25 @@ def test_zclip_ema_agrees_eagerly_and_under_jit_when_a_spike_is_fed_back_at_the_
     for field in ("ema_mean", "ema_std"):
         assert np.asarray(getattr(eager, field)) == np.asarray(getattr(jitted, field)), field
     assert float(eager.ema_std) == 0.0 and float(eager.ema_mean) == float(state.ema_mean)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_complex_infinite_and_overflowing_entries_are_clipped_along_their_phase(jit):
+    """inf + 0j, inf + 5j and 3e38 + 3e38j (finite, its modulus overflows float32):
+    clip_by_value and spam's spike clip gave NaN for the infinite entries (inf / inf)
+    and 0 for the overflowing one. Now each goes to the limit along its phase, as
+    real inf goes to +limit; an entry with a NaN part stays NaN."""
+    from optaxclip.spam import clip_spikes
+
+    g = jnp.array([complex(np.inf, 0), complex(np.inf, 5), complex(-np.inf, -np.inf),
+                   3e38 + 3e38j, complex(np.nan, np.inf), 0.5 + 0.1j], jnp.complex64)
+    phases = np.array([1, 1, (-1 - 1j) / math.sqrt(2), (1 + 1j) / math.sqrt(2)])
+    tx = oc.clip_by_value(1.0)
+    update = jax.jit(tx.update) if jit else tx.update
+    spikes = jax.jit(clip_spikes, static_argnums=2) if jit else clip_spikes
+    clipped = np.asarray(update(g, tx.init(g))[0], np.complex128)
+    spiked = np.asarray(spikes([g], [jnp.full(g.shape, 1e-4)], 100.0)[0][0], np.complex128)
+    for out, limit in ((clipped, 1.0), (spiked, 0.1)):
+        np.testing.assert_allclose(out[:4], phases * limit, rtol=1e-6)
+        assert np.isnan(out[4])
+    assert clipped[5] == complex(np.complex64(0.5 + 0.1j))  # under the limit: untouched
