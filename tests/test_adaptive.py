@@ -547,6 +547,10 @@ def test_spike_study_runs_at_tiny_size():
     # Clipping tames the injected spikes that plain Adam suffers from.
     for name in ("autoclip(10)", "zclip(max_norm=None)", "adagc()"):
         assert results[name]["worst_excursion"] < results["no clipping"]["worst_excursion"]
+    language_model = results["language_model"]
+    assert {"no clipping", "spam(adam)", "clip_update_rms(1.0)"} <= set(language_model)
+    for row in language_model.values():
+        assert math.isfinite(row["median_final_loss"]) and row["worst_grad_spike"] > 0
     exploding = results["exploding"]
     assert exploding["no clipping"]["diverged"]
     assert not exploding["zclip() (max_norm=1.0)"]["diverged"]
