@@ -197,7 +197,8 @@ def _tap(tx: Any, rtol: float) -> optax.GradientTransformationExtraArgs:
         out, new_state = inner.update(updates, state, params, **extra_args)
         new_state = cast(Any, new_state)  # a clipper's NamedTuple state, or anything else
         if per_example is not None:
-            _verify_per_example(*per_example, updates, out, new_state.stats, rtol)
+            reduce, per_layer = per_example
+            _verify_per_example(reduce, per_layer, updates, out, new_state.stats, rtol)
         elif spec is not None:
             _verify_clipper(spec, updates, out, new_state.stats, rtol)
         elif _is_clipper_state(new_state) and new_state.stats.scale is not None:

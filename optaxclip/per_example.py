@@ -259,6 +259,8 @@ def clip_per_example(
       ``max_norm = 0``                zeros (noise std 0)
       ``max_norm = inf``              plain mean / sum of the examples
       NaN / inf in an example         every entry NaN; ``norm_max`` NaN / inf
+                                      (at ``max_norm = inf``: the plain mean /
+                                      sum, the NaN / inf included)
       ``B = 0`` (no examples)         zeros (plus noise for ``"sum"``)
       bf16 / fp16 gradients           norms and sum in float32, rounded down
       ``None`` / ``MaskedNode``       passed through
