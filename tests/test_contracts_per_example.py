@@ -138,7 +138,7 @@ def test_per_example_contracts(name, dtype, scale, nonfinite, threshold, batch, 
         if nonfinite is not None and threshold == math.inf:
             # max_norm = inf is the plain mean / sum: the bad entry passes through
             # as the fixed clippers pass everything at inf.
-            for k, g in grads.items():
+            for k in grads:
                 got = np.asarray(out[k]).astype(want[k].dtype)
                 assert np.array_equal(np.isnan(got), np.isnan(want[k])), k
                 assert np.array_equal(np.isinf(got), np.isinf(want[k])), k
