@@ -391,3 +391,14 @@ def test_checked_catches_a_per_example_clipper_that_breaks_its_contract(change, 
     error, _ = checkify.checkify(tx.update)(grads, tx.init(None))
     with pytest.raises(Exception, match=message):
         error.throw()
+
+
+def test_per_layer_norm_max_does_not_overflow_below_float32s_max():
+    """Layer norms of 1e38 (finite, their squares overflow float32): the per-layer
+    path summed the squares and recorded a global norm of inf for an example whose
+    norm is 1.4e38."""
+    grads = {"a": jnp.full((1, 1), 1e38), "b": jnp.full((1, 1), 1e38)}
+    tx = oc.clip_per_example(1e38, per_layer=True)
+    for update in (tx.update, jax.jit(tx.update)):
+        _, state = update(grads, tx.init(None))
+        np.testing.assert_allclose(float(state.stats.norm_max), math.sqrt(2) * 1e38, rtol=1e-6)
