@@ -147,7 +147,8 @@ def _toward_zero_jvp(dtype: Any, primals: tuple, tangents: tuple) -> tuple[Array
 
 
 def unit_phase(g: Array, modulus: Array, where: Array) -> Array:
-    """``g / |g|`` for complex ``g`` where ``where`` holds (elsewhere ``g`` itself).
+    """``g / |g|`` for complex ``g`` where ``where`` holds (elsewhere not a phase:
+    callers select ``g`` there).
 
     ``modulus`` is ``|g|`` in the accumulation dtype. Two cases need care, since
     ``g / modulus`` would give 0 or NaN there:
