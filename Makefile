@@ -102,12 +102,14 @@ notebooks: $(STAMP)
 dist: $(STAMP)
 	$(PY) tools/check_dist.py
 
-# The long runs, kept out of `make test`: the contract matrix with many more generated
-# cases per transformation (HYPOTHESIS_PROFILE=fuzz, OPTAXCLIP_FUZZ_EXAMPLES each, 400
-# by default), the fault-injection soak over every clipper, and the functional forms.
+# The long runs, kept out of `make test`: the contract matrices (clippers, guards,
+# presets, moment clippers, and per-example clippers) with many more generated cases per
+# transformation (HYPOTHESIS_PROFILE=fuzz, OPTAXCLIP_FUZZ_EXAMPLES each, 400 by
+# default), the fault-injection soak over every clipper, and the functional forms.
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz OPTAXCLIP_SOAK=all $(PY) -m pytest -n 2 --dist load -q \
-		tests/test_contracts.py tests/test_soak.py tests/test_functional.py
+		tests/test_contracts.py tests/test_contracts_per_example.py tests/test_soak.py \
+		tests/test_functional.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(ARGS)

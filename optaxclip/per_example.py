@@ -99,15 +99,18 @@ def _example_scales(
     layer_norms = _norms._norm(roots, multipliers)
     table = _parts_scale(layer_norms, roots, multipliers, share)
     # Each example's global norm from its layers' norms: squares of layer norms
-    # above 1.8e19 overflow float32 (a global norm of 1.2e38 came out inf), so
-    # large ones are scaled by 2^-80 first. A power of two keeps it exact, and its
-    # inverse is normal (dividing by the largest norm is not: XLA turns it into a
-    # product with 1 / 1e38, a subnormal that XLA:CPU flushes to 0).
+    # above 1.8e19 overflow float32 (a global norm of 1.2e38 came out inf), so an
+    # example with a layer norm above a quarter of the dtype's exponent range is
+    # scaled by the norms' rescue factor (2^-80 for float32, 2^-640 for float64)
+    # first. A power of two keeps it exact and its inverse normal (dividing by the
+    # largest norm is not: XLA turns it into a product with 1 / 1e38, a subnormal
+    # that XLA:CPU flushes to 0).
     wide = layer_norms.astype(jnp.promote_types(layer_norms.dtype, jnp.float32))
-    big = jnp.max(wide, axis=0) > 2.0**32
-    factor = jnp.where(big, 2.0**-80, 1.0).astype(wide.dtype)
-    norms = jnp.sqrt(jnp.sum(jnp.square(wide * factor), axis=0)) * jnp.where(
-        big, 2.0**80, 1.0).astype(wide.dtype)
+    exponent = _norms._rescue_exponent(wide.dtype)
+    big = jnp.max(wide, axis=0) > 2.0 ** (jnp.finfo(wide.dtype).maxexp // 4)
+    down = jnp.where(big, 2.0**-exponent, 1.0).astype(wide.dtype)
+    up = jnp.where(big, 2.0**exponent, 1.0).astype(wide.dtype)
+    norms = jnp.sqrt(jnp.sum(jnp.square(wide * down), axis=0)) * up
     clipped = jnp.any(table != 1, axis=0)
     scales = list(table)
     return norms, scales, clipped

@@ -402,3 +402,13 @@ def test_per_layer_norm_max_does_not_overflow_below_float32s_max():
     for update in (tx.update, jax.jit(tx.update)):
         _, state = update(grads, tx.init(None))
         np.testing.assert_allclose(float(state.stats.norm_max), math.sqrt(2) * 1e38, rtol=1e-6)
+    # The same under x64 with float64 layers of 1e300 (a fixed 2^-80 is not enough).
+    # The recorded stat is float32 (inf there), so the float64 norms are read from
+    # the helper that computes them.
+    from optaxclip import per_example
+
+    with jax.enable_x64(True):
+        layers = [jnp.full((1, 1), 1e300, jnp.float64)] * 2
+        norms, _, _ = jax.jit(per_example._example_scales, static_argnums=2)(
+            layers, jnp.asarray(1e300, jnp.float64), True)
+        np.testing.assert_allclose(np.asarray(norms), [math.sqrt(2) * 1e300], rtol=1e-12)
