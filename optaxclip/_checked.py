@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
 
-from optaxclip import _clipper, _combinators, _norms, _spec, _validate
+from optaxclip import _clipper, _combinators, _norms, _scaling, _spec, _validate
 from optaxclip._registry import register_factory
 from optaxclip._spec import ClipSpec
 from optaxclip._state import ClipStats
@@ -254,7 +254,8 @@ def _verify_clipper(spec: ClipSpec, g: Any, u: Any, record: ClipStats, rtol: flo
             recorded=recorded, actual=actual,
         )
     if record.scale is not None:
-        _check_scale_applied(spec, finite_in, g, u, record.scale, rtol)
+        _check_scale_applied(spec, finite_in, g, u, record.scale, rtol, record.norm,
+                             record.threshold)
 
 
 def _verify_per_example(reduce: str, per_layer: bool, g: Any, out: Any, record: Any,
@@ -307,29 +308,59 @@ def _verify_per_example(reduce: str, per_layer: bool, g: Any, out: Any, record: 
 
 
 def _check_scale_applied(spec: ClipSpec, finite_in: Array, g: Any, u: Any, scale: Any,
-                         rtol: float) -> None:
+                         rtol: float, norm: Any = None, threshold: Any = None) -> None:
+    """``out == g * scale`` up to rounding, for every float leaf.
+
+    A scale below the normal range (float32: 1.2e-38; threshold 1, norm 1e38)
+    reads as 0 where XLA flushes subnormals, while the clipper applies it exactly
+    as a normal number times a power of two (``_scaling.split_tiny``). There the
+    expected output comes from the recorded ``norm`` and ``threshold`` in the
+    same split form; without them (or for a norm that overflowed to ``inf``) the
+    output is only held to ``|out| <= |g| * 1.2e-38``.
+    """
     g_leaves, treedef = jax.tree.flatten(g)
     u_leaves = treedef.flatten_up_to(u)
-    if spec.scope == "global":
-        scales = [scale] * len(g_leaves)
-    else:
-        scales = treedef.flatten_up_to(scale)
-    for where, grad, out, s in zip(_paths(g), g_leaves, u_leaves, scales):
+    count = len(g_leaves)
+
+    def per_leaf(tree: Any) -> list[Any]:
+        if tree is None:
+            return [None] * count
+        if spec.scope == "global" or (hasattr(tree, "dtype") and jnp.ndim(tree) == 0):
+            return [tree] * count
+        return treedef.flatten_up_to(tree)
+
+    rows = zip(_paths(g), g_leaves, u_leaves, per_leaf(scale), per_leaf(norm),
+               per_leaf(threshold))
+    for where, grad, out, s, n, t in rows:
         if not _norms.is_float_leaf(grad):
             continue
         grad, out, s = jnp.asarray(grad), jnp.asarray(out), jnp.asarray(s)
         axes = _clipper.reduced_axes(spec, tuple(grad.shape))
-        if axes is not None:
-            s = jnp.expand_dims(s, axes)
+
+        def expand(x: Any, axes: Any = axes) -> Any:
+            return x if axes is None or not jnp.ndim(x) else jnp.expand_dims(x, axes)
+
         wide = jnp.promote_types(_norms.accumulation_dtype(grad.dtype), jnp.float32)
-        expected = grad.astype(jnp.result_type(wide, grad.dtype)) * s.astype(wide)
+        s = expand(s).astype(jnp.finfo(wide).dtype)
+        tiny = float(jnp.finfo(s.dtype).tiny)
+        high, low = s, jnp.ones([], s.dtype)
+        known_zero = jnp.zeros([], bool)
+        if n is not None and t is not None:
+            n, t = expand(jnp.asarray(n)).astype(s.dtype), expand(jnp.asarray(t)).astype(s.dtype)
+            high, low = _scaling.split_tiny(s, t, n + spec.eps)
+            known_zero = t == 0
+        # A scale below the normal range that the record cannot reproduce.
+        unresolved = (s < tiny) & (high == s) & ~known_zero
+        expected = grad.astype(jnp.result_type(wide, grad.dtype)) * high * low
         finfo = jnp.finfo(out.dtype)
         slack = (rtol + 2 * float(finfo.eps)) * jnp.abs(expected)
         # Near zero the output's resolution is absolute: an entry below the output
         # dtype's smallest subnormal (fp16: 6e-8) is stored as 0. 1e-30 covers
         # float32 subnormals flushed to zero.
         floor = max(1e-30, float(finfo.smallest_subnormal))
-        excess = jnp.abs(out.astype(expected.dtype) - expected) - slack - floor
+        magnitude = jnp.abs(out.astype(expected.dtype))
+        excess = jnp.where(unresolved, magnitude - jnp.abs(grad).astype(magnitude.dtype) * tiny,
+                           jnp.abs(out.astype(expected.dtype) - expected) - slack) - floor
         worst = jnp.max(jnp.where(jnp.isfinite(s), excess, 0), initial=0)
         checkify.check(
             ~finite_in | (worst <= 0),

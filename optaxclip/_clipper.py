@@ -414,9 +414,9 @@ def _clip(spec: ClipSpec, updates: Any, norm: Any, parts: Any,
     if spec.scope == "element":
         return _clip_entries(spec, updates, norm, threshold)
     if spec.scope == "global":
-        scale = _scale(spec, norm, parts, threshold)
-        out = jax.tree.map(lambda g: _scaling.apply_scale(g, scale), updates)
-        return out, ClipStats(norm=norm, threshold=threshold, scale=scale)
+        scale, low = _scale(spec, norm, parts, threshold)
+        out = jax.tree.map(lambda g: _scaling.apply_scale(g, scale, low), updates)
+        return out, ClipStats(norm=norm, threshold=threshold, scale=scale * low)
     leaves, treedef = jax.tree.flatten(updates)
     norm_leaves = treedef.flatten_up_to(norm)
     # One scalar threshold serves every leaf; otherwise it is shaped like ``norm``.
@@ -425,28 +425,37 @@ def _clip(spec: ClipSpec, updates: Any, norm: Any, parts: Any,
     scales = [jnp.ones_like(n) for n in norm_leaves]
     out = list(leaves)
     for i in _float_positions(leaves):
-        scales[i] = s = _scale(spec, norm_leaves[i], parts[i], limits[i])
+        s, low = _scale(spec, norm_leaves[i], parts[i], limits[i])
+        scales[i] = s * low
         axes = reduced_axes(spec, tuple(jnp.shape(leaves[i])))
-        out[i] = _scaling.apply_scale(leaves[i], s if axes is None else jnp.expand_dims(s, axes))
+        if axes is not None:
+            s, low = jnp.expand_dims(s, axes), jnp.expand_dims(low, axes)
+        out[i] = _scaling.apply_scale(leaves[i], s, low)
     return treedef.unflatten(out), ClipStats(
         norm=norm, threshold=threshold, scale=treedef.unflatten(scales)
     )
 
 
-def _scale(spec: ClipSpec, norm: Array, parts: tuple[Array, Array], threshold: Any) -> Array:
-    """``min(1, threshold / (norm + eps))`` with the library's edge cases.
+def _scale(spec: ClipSpec, norm: Array, parts: tuple[Array, Array],
+           threshold: Any) -> tuple[Array, Array]:
+    """``min(1, threshold / (norm + eps))`` with the library's edge cases, as the
+    pair ``(scale, low)`` of ``_scaling.split_tiny``: their product is the scale.
 
     A norm of finite gradients can exceed the accumulation dtype's range (float32
     entries near 3.4e38): it is recorded as ``inf``, and its scale is computed
     from the norm's parts, ``threshold / multiplier / root``, so finite input
-    still gives finite output inside the ball. No extra pass is needed.
+    still gives finite output inside the ball. No extra pass is needed. A scale
+    below the normal range (threshold 1, norm 1e38) is kept as a normal number
+    times a power of two, so finite entries are scaled, not flushed to zero.
     """
     threshold = jnp.asarray(threshold)
     scale, _ = _scaling.scale_factor(
         norm, threshold, spec.eps, strict_nonfinite=spec.strict_nonfinite
     )
+    t = threshold.astype(scale.dtype)
+    scale, low = _scaling.split_tiny(scale, t, norm.astype(scale.dtype) + spec.eps)
     if spec.ord == math.inf:
-        return scale  # a max never overflows before its largest entry does
+        return scale, low  # a max never overflows before its largest entry does
     root, multiplier = parts
     wide = jnp.promote_types(threshold.dtype, root.dtype)
     t, root, multiplier = threshold.astype(wide), root.astype(wide), multiplier.astype(wide)
@@ -455,10 +464,13 @@ def _scale(spec: ClipSpec, norm: Array, parts: tuple[Array, Array], threshold: A
     )
     # Two divisions, kept apart: XLA's simplifier rewrites (t / m) / r as
     # t / (m * r), and m * r is the norm that overflowed (scale 0 under jit).
-    partial = lax.optimization_barrier(t / jnp.where(overflowed, multiplier, 1))
-    exact = jnp.minimum(partial / jnp.where(overflowed, root, 1), 1)
+    multiplier = jnp.where(overflowed, multiplier, 1)
+    root = jnp.where(overflowed, root, 1)
+    exact = jnp.minimum(lax.optimization_barrier(t / multiplier) / root, 1)
+    exact, exact_low = _scaling.split_tiny_parts(exact, t, multiplier, root)
     exact = jnp.where(t == math.inf, 1, jnp.where(jnp.isnan(t), jnp.nan, exact))
-    return jnp.where(overflowed, exact.astype(scale.dtype), scale)
+    return (jnp.where(overflowed, exact.astype(scale.dtype), scale),
+            jnp.where(overflowed, exact_low.astype(low.dtype), low))
 
 
 def _clip_entries(spec: ClipSpec, updates: Any, norm: Array | None, threshold: Array):

@@ -84,8 +84,54 @@ def scale_factor(
     return scale, scale != 1
 
 
-def apply_scale(update: Any, scale: Array) -> Any:
-    """Multiplies one leaf by ``scale``, in at least float32, back in its own dtype.
+def split_tiny(scale: Array, numerator: Array, denominator: Array) -> tuple[Array, Array]:
+    """``scale = numerator / denominator`` as ``(high, low)``, exact below the normal range.
+
+    A scale below the dtype's smallest normal number (float32: 2^-126, 1.2e-38) is
+    subnormal, and XLA flushes subnormal results to zero on CPU (and GPUs and
+    TPUs): clipping a gradient of norm 1e38 to 1 would zero entries whose clipped
+    values (1e37 times 1e-38) are ordinary numbers. Where the scale is that small,
+    ``high = numerator * 2^k / denominator`` with ``k = -minexp`` (126 for
+    float32) is a normal number below 1 and ``low = 2^-k``; elsewhere ``high`` is
+    ``scale`` and ``low`` is 1, which leaves ``g * high * low`` bit-identical to
+    ``g * scale``. ``numerator * 2^k`` cannot overflow there: ``numerator <
+    denominator * 2^-k`` and the denominator is finite.
+    """
+    finfo = jnp.finfo(scale.dtype)
+    k = -int(finfo.minexp)
+    tiny = (scale < finfo.tiny) & (numerator > 0) & jnp.isfinite(numerator) & (
+        jnp.isfinite(denominator) & (denominator > 0))
+    raised = numerator.astype(scale.dtype) * jnp.asarray(2.0**k, scale.dtype)
+    high = jnp.where(tiny, raised / jnp.where(tiny, denominator, 1).astype(scale.dtype), scale)
+    low = jnp.where(tiny, jnp.asarray(2.0**-k, scale.dtype), jnp.ones([], scale.dtype))
+    return high, low
+
+
+def split_tiny_parts(exact: Array, threshold: Array, multiplier: Array,
+                     root: Array) -> tuple[Array, Array]:
+    """``split_tiny`` for ``exact = threshold / multiplier / root``: a scale from a
+    norm kept as parts because ``multiplier * root`` overflowed.
+
+    Where ``exact`` is below the normal range, ``high = threshold 2^k / multiplier
+    / root`` with ``2^k`` applied in two halves (``2^63`` each for float32):
+    ``threshold * 2^k`` alone can overflow and ``threshold / multiplier`` can
+    underflow. Exact for every threshold above ``multiplier * 2^-189`` (float32).
+    """
+    finfo = jnp.finfo(exact.dtype)
+    half = 2.0 ** (-int(finfo.minexp) // 2)
+    # Barriers keep XLA from folding the two halves into one overflowing 2^k.
+    raised = lax.optimization_barrier(threshold * half / multiplier)
+    raised = lax.optimization_barrier(raised * half)
+    tiny = (exact < finfo.tiny) & (threshold > 0) & (threshold < math.inf)
+    high = jnp.where(tiny, raised / root, exact)
+    low = jnp.where(tiny, jnp.asarray(1 / half / half, exact.dtype), jnp.ones([], exact.dtype))
+    return high, low
+
+
+def apply_scale(update: Any, scale: Array, low: Array | None = None) -> Any:
+    """Multiplies one leaf by ``scale`` (times ``low``, the power of two
+    ``split_tiny`` splits off a scale below the normal range), in at least
+    float32, back in its own dtype.
 
     Entries come back bit-identical where ``scale == 1``; non-float leaves pass
     through untouched. For dtypes narrower than float32 the product is rounded
@@ -103,6 +149,8 @@ def apply_scale(update: Any, scale: Array) -> Any:
     update = jnp.asarray(update)
     compute = jnp.promote_types(update.dtype, accumulation_dtype(update.dtype))
     product = update.astype(compute) * scale.astype(accumulation_dtype(compute))
+    if low is not None:
+        product = product * low.astype(accumulation_dtype(compute))
     if compute != update.dtype and not jnp.iscomplexobj(update):
         scaled = _toward_zero(product, update.dtype)
     else:

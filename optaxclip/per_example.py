@@ -81,23 +81,26 @@ def _example_scales(
     """``(global norms [B], per-leaf scales [B] each, example clipped [B])``."""
     if not per_layer:
         norms = _norms.batched_global_norm(leaves)
+        # The threshold in the gradients' accumulation dtype (float64 for float64).
+        threshold = threshold.astype(norms.dtype)
         scale, _ = _scaling.scale_factor(norms, threshold)
+        scale, low = _scaling.split_tiny(scale, threshold, norms.astype(scale.dtype))
         # A norm past float32's range from finite entries (near 3.4e38) is inf; its
         # exact scale comes from the example's largest entry. The cond keeps that
         # second read off the usual path.
         overflowed = jnp.isposinf(norms)
-        scale = lax.cond(jnp.any(overflowed), _rescued_scales, lambda *a: a[0],
-                         scale, leaves, threshold, overflowed)
-        return norms, [scale] * len(leaves), scale != 1
+        scale, low = lax.cond(jnp.any(overflowed), _rescued_scales, lambda *a: (a[0], a[1]),
+                              scale, low, leaves, threshold, overflowed)
+        return norms, [(scale, low)] * len(leaves), scale != 1
     rows = [x.reshape(x.shape[0], -1) for x in leaves]  # a reshape, not a copy
     parts = _norms.unit_norm_parts(rows, 2.0, [(1,)] * len(rows))
-    share = threshold / math.sqrt(len(leaves))
     # One [L, B] computation for every layer's scale instead of L small ones.
     acc = jnp.result_type(*[root.dtype for root, _ in parts])
+    share = threshold.astype(acc) / math.sqrt(len(leaves))
     roots = jnp.stack([root.astype(acc) for root, _ in parts])
     multipliers = jnp.stack([multiplier.astype(acc) for _, multiplier in parts])
     layer_norms = _norms._norm(roots, multipliers)
-    table = _parts_scale(layer_norms, roots, multipliers, share)
+    table, lows = _parts_scale(layer_norms, roots, multipliers, share)
     # Each example's global norm from its layers' norms: squares of layer norms
     # above 1.8e19 overflow float32 (a global norm of 1.2e38 came out inf), so an
     # example with a layer norm above a quarter of the dtype's exponent range is
@@ -112,24 +115,30 @@ def _example_scales(
     up = jnp.where(big, 2.0**exponent, 1.0).astype(wide.dtype)
     norms = jnp.sqrt(jnp.sum(jnp.square(wide * down), axis=0)) * up
     clipped = jnp.any(table != 1, axis=0)
-    scales = list(table)
-    return norms, scales, clipped
+    return norms, list(zip(table, lows)), clipped
 
 
-def _parts_scale(norm: Array, root: Array, multiplier: Array, threshold: Array) -> Array:
-    """``min(1, threshold / norm)``, exact from the parts where ``norm`` overflowed."""
-    scale, _ = _scaling.scale_factor(norm, threshold.astype(norm.dtype))
+def _parts_scale(norm: Array, root: Array, multiplier: Array,
+                 threshold: Array) -> tuple[Array, Array]:
+    """``min(1, threshold / norm)`` as ``_scaling.split_tiny``'s ``(high, low)``,
+    exact from the parts where ``norm`` overflowed."""
+    threshold = threshold.astype(norm.dtype)
+    scale, _ = _scaling.scale_factor(norm, threshold)
+    scale, low = _scaling.split_tiny(scale, threshold, norm)
     overflowed = jnp.isposinf(norm) & jnp.isfinite(root) & jnp.isfinite(multiplier) & (root > 0)
     # The multiplier is a power of two (ord 2), so its inverse is exact; written
     # as a product, XLA cannot fold the two divisions into one by the overflowed
     # ``multiplier * root``.
-    inverse = 1 / jnp.where(overflowed, multiplier, 1)
-    exact = jnp.minimum(threshold * inverse / jnp.where(overflowed, root, 1), 1)
-    return jnp.where(overflowed, exact.astype(scale.dtype), scale)
+    multiplier = jnp.where(overflowed, multiplier, 1)
+    root = jnp.where(overflowed, root, 1)
+    exact = jnp.minimum(threshold * (1 / multiplier) / root, 1)
+    exact, exact_low = _scaling.split_tiny_parts(exact, threshold, multiplier, root)
+    return (jnp.where(overflowed, exact.astype(scale.dtype), scale),
+            jnp.where(overflowed, exact_low.astype(low.dtype), low))
 
 
-def _rescued_scales(scale: Array, leaves: list[Array], threshold: Array,
-                    overflowed: Array) -> Array:
+def _rescued_scales(scale: Array, low: Array, leaves: list[Array], threshold: Array,
+                    overflowed: Array) -> tuple[Array, Array]:
     """Scales of overflowed examples from ``norm = 2^k ||g 2^-k||``.
 
     A norm that overflows from finite entries has every entry below 2^128, so
@@ -137,28 +146,68 @@ def _rescued_scales(scale: Array, leaves: list[Array], threshold: Array,
     XLA:CPU flushes to zero) their squares sum without overflow.
     """
     acc = _norms._widest(leaves)
-    factor = jnp.asarray(2.0 ** -_norms._rescue_exponent(acc), acc)
-    root = _norms.batched_global_norm([_norms._multiplied(x, factor, acc) for x in leaves])
+    multiplier = jnp.asarray(2.0 ** _norms._rescue_exponent(acc), acc)
+    root = _norms.batched_global_norm([_norms._multiplied(x, 1 / multiplier, acc)
+                                       for x in leaves])
     usable = jnp.isfinite(root) & (root > 0)
-    exact = jnp.minimum(threshold * factor / jnp.where(usable, root, 1), 1)
-    return jnp.where(overflowed & usable, exact.astype(scale.dtype), scale)
+    root = jnp.where(usable, root, 1)
+    t = threshold.astype(acc)
+    # t / root first: t * 2^-80 is subnormal (flushed to 0) for thresholds below 1e-14.
+    exact = jnp.minimum(lax.optimization_barrier(t / root) / multiplier, 1)
+    exact, exact_low = _scaling.split_tiny_parts(exact, t, multiplier, root)
+    rescued = overflowed & usable
+    return (jnp.where(rescued, exact.astype(scale.dtype), scale),
+            jnp.where(rescued, exact_low.astype(low.dtype), low))
+
+
+def _median(norms: Array) -> Array:
+    """``jnp.median`` without its overflow: the middle two of an even count are
+    averaged as ``low + (high - low) / 2``, not ``(low + high) / 2`` (inf for two
+    norms above 1.7e38). NaN if any norm is NaN, as ``jnp.median``."""
+    ordered = jnp.sort(norms)
+    middle = norms.shape[0] // 2
+    high = ordered[middle]
+    if norms.shape[0] % 2:
+        value = high
+    else:
+        low = ordered[middle - 1]
+        value = jnp.where(low == high, high, low + (high - low) / 2)
+    return jnp.where(jnp.any(jnp.isnan(norms)), jnp.nan, value)
 
 
 # ---------------------------------------------------------------- reducing
 
 
-def _reduce(x: Array, scale: Array, noise: Array | None, divisor: int) -> Array:
+def _reduce(x: Array, scale: tuple[Array, Array], noise: Array | None,
+            divisor: int) -> Array:
     """``(sum_b scale_b x_b + noise) / divisor`` in float32 or wider, in ``x``'s dtype.
 
-    Narrow dtypes are rounded toward zero, so rounding never pushes the result
-    past the bound that holds in float32.
+    ``scale`` is ``_scaling.split_tiny``'s ``(high, low)`` per example. Narrow
+    dtypes are rounded toward zero, so rounding never pushes the result past the
+    bound that holds in float32.
     """
     acc = jnp.promote_types(x.dtype, _norms.accumulation_dtype(x.dtype))
+    real = _norms.accumulation_dtype(acc)
+    high, low = (y.astype(real) for y in scale)
+
     # A contraction, not jnp.sum(x * scale, axis=0): XLA:CPU reduces over the
     # major axis about 100x slower than it runs the dot (measured in
     # benchmarks/per_example.py).
-    total = jnp.tensordot(scale.astype(_norms.accumulation_dtype(acc)), x.astype(acc), axes=1,
-                          precision=lax.Precision.HIGHEST)
+    def weighted(weights: Array) -> Array:
+        return jnp.tensordot(weights, x.astype(acc), axes=1, precision=lax.Precision.HIGHEST)
+
+    def split() -> Array:
+        # Examples whose scale is below the normal range (high * low, low = 2^-k,
+        # see split_tiny) are summed apart with weights high / 2^m, 2^m >= B, then
+        # times 2^m low: high |x_b| is below |x_b| (below the dtype's largest), so
+        # the B products sum without overflow and the weights stay normal.
+        tiny = low != 1
+        spread = 2.0 ** max(math.ceil(math.log2(max(x.shape[0], 1))), 0)
+        usual = weighted(jnp.where(tiny, 0, high))
+        rest = weighted(jnp.where(tiny, high / spread, 0))
+        return usual + rest * (jnp.min(low, initial=1) * spread)
+
+    total = lax.cond(jnp.any(low != 1), split, lambda: weighted(high))
     if noise is not None:
         total = total + noise.astype(acc)
     if divisor != 1:
@@ -358,14 +407,17 @@ def clip_per_example(
                 "gradients with jax.vmap(jax.grad(loss), in_axes=(None, 0))."
             )
         batch = sizes.pop() if sizes else 0
-        threshold = jnp.maximum(jnp.asarray(max_norm, jnp.float32), 0)
-        threshold = jnp.where(jnp.isnan(jnp.asarray(max_norm, jnp.float32)), jnp.nan, threshold)
+        # Held in at least float32 (float64 with jax_enable_x64), so float64
+        # gradients get float64 scales; the stats record it as float32.
+        limit = jnp.asarray(max_norm)
+        limit = limit.astype(jnp.promote_types(limit.dtype, jnp.float32))
+        threshold = jnp.where(jnp.isnan(limit), jnp.nan, jnp.maximum(limit, 0))
         if arrays and batch > 0:
             norms, scales, clipped = _example_scales(arrays, threshold, per_layer)
-            norm_max, norm_median = jnp.max(norms), jnp.median(norms)
+            norm_max, norm_median = jnp.max(norms), _median(norms)
             fraction = jnp.mean(clipped.astype(jnp.float32))
         else:
-            scales = [jnp.ones([batch], jnp.float32) for _ in arrays]
+            scales = [(jnp.ones([batch], jnp.float32),) * 2 for _ in arrays]
             norm_max = norm_median = fraction = jnp.zeros([], jnp.float32)
         key = state.key
         if noise_multiplier > 0:
@@ -383,7 +435,7 @@ def clip_per_example(
         for i, x, s, n in zip(positions, arrays, scales, noises):
             out[i] = _reduce(x, s, n, divisor)
         stats = PerExampleStats(norm_max.astype(jnp.float32), norm_median.astype(jnp.float32),
-                                fraction, threshold, std)
+                                fraction, threshold.astype(jnp.float32), std)
         return treedef.unflatten(out), ClipPerExampleState(
             jnp.asarray(optax.safe_increment(state.count)), key, stats)
 

@@ -403,8 +403,18 @@ def _check_scaled_leaf(spec: ClipSpec, where: str, g: np.ndarray, o: np.ndarray,
     scale_ok = np.isfinite(scale)
     if np.any(check & scale_ok & ((scale < 0) | (scale > 1))):
         _fail(name, where, f"recorded scale {scale[check].min()!r} is outside [0, 1]")
-    expected = g64 * np.where(scale_ok, scale, 0)
-    slack = 2 * _eps(dtype) * np.abs(expected) + 2 * max(
+    # A scale below float32's normal range (threshold 1, norm 1e38) reads as 0 where
+    # XLA flushes subnormals, but the clipper applies it exactly (a normal number
+    # times a power of two): there the expected output comes from the recorded
+    # threshold and norm (the float64 input norm where the recorded one overflowed).
+    applied = np.where(scale_ok, scale, 0)
+    denominator = np.where(np.isfinite(rec_norm), rec_norm, n_in) + spec.eps
+    below = scale_ok & (scale < _tiny(dtype)) & (threshold > 0) & np.isfinite(threshold) & (
+        denominator > threshold)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        applied = np.where(below, threshold / denominator, applied)
+    expected = g64 * applied
+    slack = 2 * (_eps(dtype) + _eps(np.float32)) * np.abs(expected) + 2 * max(
         float(jnp.finfo(dtype).smallest_subnormal), _tiny(dtype)
     )
     wrong = check & scale_ok & (np.abs(o64 - expected) > slack)

@@ -20,6 +20,7 @@ import optax.contrib
 import pytest
 
 import optaxclip as oc
+import optaxclip.testing
 
 PARAMS = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
 GRADS = {"w": jnp.full((4, 3), 0.5), "b": jnp.array([1.0, -2.0, 0.5])}
@@ -373,3 +374,94 @@ def test_complex_infinite_and_overflowing_entries_are_clipped_along_their_phase(
         np.testing.assert_allclose(out[:4], phases * limit, rtol=1e-6)
         assert np.isnan(out[4])
     assert clipped[5] == complex(np.complex64(0.5 + 0.1j))  # under the limit: untouched
+
+
+# 9. A scale below float32's normal range (threshold / norm < 1.2e-38) is subnormal,
+# and XLA flushes it to zero: finite gradients came out as zeros although their
+# clipped values (1e37 * 1e-38) are ordinary numbers.
+TINY_SCALE_CASES = {
+    # (entries, threshold): norm 1.6e38, scale 6e-39.
+    "norm 1.6e38, threshold 1": (np.r_[np.full(17, 4e37), 1e30, -3e37], 1.0),
+    # norm 1e10, scale 1e-40.
+    "norm 1e10, threshold 1e-30": (np.r_[np.full(4, 5e9), -1.0], 1e-30),
+    # norm 1.3e39 overflows float32: the scale (7.5e-60) comes from the norm's parts.
+    "overflowed norm, threshold 1e-20": (np.full(20, 3e38), 1e-20),
+}
+TINY_SCALE_CLIPPERS = {
+    "clip_by_global_norm": oc.clip_by_global_norm,
+    "clip_by_norm": oc.clip_by_norm,
+    "clip_by_block_rms": lambda t: oc.clip_by_block_rms(t / math.sqrt(20)),
+}
+
+
+def _tiny_scale_reference(tx, entries, threshold, dtype):
+    g64 = np.asarray(np.asarray(entries, dtype), np.float64)
+    norm = np.sqrt(np.sum(g64**2))
+    if oc.testing.clipper_spec(tx).rms:
+        norm /= math.sqrt(g64.size)
+    return g64 * (threshold / norm)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", sorted(TINY_SCALE_CASES))
+@pytest.mark.parametrize("name", sorted(TINY_SCALE_CLIPPERS))
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_scales_below_the_normal_range_are_applied_not_flushed(name, case, dtype, jit):
+    entries, threshold = TINY_SCALE_CASES[case]
+    tx = TINY_SCALE_CLIPPERS[name](threshold)
+    grads = {"g": jnp.asarray(entries, dtype)}
+    update = jax.jit(tx.update) if jit else tx.update
+    out, state = update(grads, tx.init(grads))
+    limit = oc.stats(state)[f"{name}/threshold"]
+    want = _tiny_scale_reference(tx, entries, float(limit) if name != "clip_by_block_rms"
+                                 else float(limit), dtype)
+    got = np.asarray(out["g"], np.float64)
+    # bf16 rounds toward zero (2^-8 relative); float32 to a few ulps.
+    rtol = 2**-7 if dtype == "bfloat16" else 1e-6
+    big = np.abs(want) > 1e-36  # entries whose clipped value is a normal number
+    assert big.sum() >= 2
+    np.testing.assert_allclose(got[big], want[big], rtol=rtol)
+    assert np.all(np.abs(got) <= np.abs(want) * (1 + rtol) + 1e-37)
+    assert bool(oc.stats(state)[f"{name}/clipped"])
+    # The contract harness and `checked` hold it: the float64 reference scale.
+    oc.testing.assert_clip_contracts(tx, grads, mode="jit" if jit else "eager")
+    checked = oc.checked(tx)
+    checked.update(grads, checked.init(grads))
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("case", sorted(TINY_SCALE_CASES))
+def test_per_example_scales_below_the_normal_range_are_applied(case, per_layer):
+    entries, threshold = TINY_SCALE_CASES[case]
+    rows = np.stack([np.asarray(entries), np.asarray(entries)[::-1] * 0.5,
+                     np.full(len(entries), 1e-3)])  # the last example is not clipped
+    grads = {"g": jnp.asarray(rows, jnp.float32)}
+    tx = oc.clip_per_example(threshold, reduce="sum", per_layer=per_layer)
+    rows64 = np.asarray(grads["g"], np.float64)
+    norms = np.sqrt(np.sum(rows64**2, axis=1))
+    want = np.sum(rows64 * np.minimum(1, np.float32(threshold) / norms)[:, None], axis=0)
+    for update in (tx.update, jax.jit(tx.update)):
+        out, _ = update(grads, tx.init(None))
+        np.testing.assert_allclose(np.asarray(out["g"], np.float64), want, rtol=1e-5)
+
+
+def test_checked_and_the_harness_catch_a_scale_flushed_to_zero(monkeypatch):
+    from optaxclip import _clipper
+
+    scale = _clipper._scale
+
+    def flushed(*args):  # what the clippers did before: the product, flushed
+        high, low = scale(*args)
+        return high * low, jnp.ones_like(low)
+
+    monkeypatch.setattr(_clipper, "_scale", flushed)
+    entries, threshold = TINY_SCALE_CASES["norm 1.6e38, threshold 1"]
+    grads = {"g": jnp.asarray(entries, jnp.float32)}
+    tx = oc.clip_by_global_norm(threshold)
+    out, _ = tx.update(grads, tx.init(grads))
+    assert not np.any(np.asarray(out["g"]))  # the defect, reproduced
+    with pytest.raises(AssertionError, match="not input"):
+        oc.testing.assert_clip_contracts(tx, grads, mode="eager")
+    checked = oc.checked(tx)
+    with pytest.raises(Exception, match="recorded a scale it did not apply"):
+        checked.update(grads, checked.init(grads))
