@@ -162,7 +162,10 @@ def adagc(
         del params
         leaves, treedef = jax.tree.flatten(norm)
         gammas = treedef.flatten_up_to(state.gamma)
-        total = _norms.global_norm(leaves)
+        # Only the float leaves' norms: a non-float leaf's placeholder is a constant
+        # 0, and XLA reassociates the rescue's (0 * 2^640)^2 into 0 * (2^640)^2 =
+        # NaN under jit (float64 trees with an integer leaf: eager 0, jit NaN).
+        total = _norms.global_norm([n for n, pair in zip(leaves, parts) if pair is not None])
         fractions = _fractions(leaves, total, parts)
         in_warmup = state.num_warmup < warmup_steps
         absolute = _scaling.threshold_at(lambda_abs, state.count)

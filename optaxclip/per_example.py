@@ -307,8 +307,10 @@ def clip_per_example(
         float leaf ``[B, ...]`` becomes ``[...]``; the sum is taken in float32
         (or wider) and rounded toward zero for bf16/fp16;
       * norms in float32 or wider; a finite example whose norm overflows
-        float32 still gets its exact scale (its largest entry is divided out,
-        a second read only in that case);
+        float32 still gets its exact scale (its entries are scaled by 2^-80
+        first, a second read only in that case); a scale below float32's
+        normal range (an example of norm 1e38 clipped to 1) is applied as a
+        normal number times 2^-126, not flushed to 0;
       * no host callback; the state is arrays only (the key as ``uint32``).
 
     Edge cases:
@@ -324,6 +326,7 @@ def clip_per_example(
                                       sum, the NaN / inf included)
       ``B = 0`` (no examples)         zeros (plus noise for ``"sum"``)
       bf16 / fp16 gradients           norms and sum in float32, rounded down
+      float64 gradients (x64)         ``max_norm``, norms and scales in float64
       ``None`` / ``MaskedNode``       passed through
       integer / ``float0`` leaf       its first example, untouched
       negative / NaN static value     ``ValueError`` naming the argument

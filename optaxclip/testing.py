@@ -411,9 +411,10 @@ def _check_scaled_leaf(spec: ClipSpec, where: str, g: np.ndarray, o: np.ndarray,
     denominator = np.where(np.isfinite(rec_norm), rec_norm, n_in) + spec.eps
     below = scale_ok & (scale < _tiny(dtype)) & (threshold > 0) & np.isfinite(threshold) & (
         denominator > threshold)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        applied = np.where(below, threshold / denominator, applied)
-    expected = g64 * applied
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        # (g / norm) * threshold: threshold / norm alone can underflow float64 too.
+        expected = np.where(below, g64 / np.where(below, denominator, 1) * threshold,
+                            g64 * applied)
     slack = 2 * (_eps(dtype) + _eps(np.float32)) * np.abs(expected) + 2 * max(
         float(jnp.finfo(dtype).smallest_subnormal), _tiny(dtype)
     )

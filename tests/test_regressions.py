@@ -465,3 +465,20 @@ def test_checked_and_the_harness_catch_a_scale_flushed_to_zero(monkeypatch):
     checked = oc.checked(tx)
     with pytest.raises(Exception, match="recorded a scale it did not apply"):
         checked.update(grads, checked.init(grads))
+
+
+# 10. adagc under x64 with an integer leaf and zero gradients: its global total of the
+# per-tensor norms was NaN under jit (0 eagerly), so the warmup step was not counted
+# and jit and eager states differed. (XLA reassociated the norm rescue's
+# (0 * 2^640)^2, the integer leaf's constant placeholder, into 0 * inf.)
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_adagc_counts_warmup_alike_eagerly_and_under_jit_with_integer_leaves(scale):
+    with jax.enable_x64(True):
+        grads = {"w": jnp.full((3,), scale, jnp.float64), "i": jnp.zeros((2,), jnp.int32),
+                 "n": None}
+        tx = oc.adagc(lambda_abs=0.0)
+        state = tx.init(grads)
+        (_, eager), (_, jitted) = tx.update(grads, state), jax.jit(tx.update)(grads, state)
+        assert int(eager.num_warmup) == int(jitted.num_warmup) == 1
+        for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
