@@ -77,8 +77,8 @@ Reduce = Literal["mean", "sum"]
 
 def _example_scales(
     leaves: list[Array], threshold: Array, per_layer: bool
-) -> tuple[Array, list[Array], Array]:
-    """``(global norms [B], per-leaf scales [B] each, example clipped [B])``."""
+) -> tuple[Array, list[tuple[Array, Array]], Array]:
+    """``(global norms [B], per-leaf (high, low) scales [B] each, example clipped [B])``."""
     if not per_layer:
         norms = _norms.batched_global_norm(leaves)
         # The threshold in the gradients' accumulation dtype (float64 for float64).
@@ -91,7 +91,8 @@ def _example_scales(
         overflowed = jnp.isposinf(norms)
         scale, low = lax.cond(jnp.any(overflowed), _rescued_scales, lambda *a: (a[0], a[1]),
                               scale, low, leaves, threshold, overflowed)
-        return norms, [(scale, low)] * len(leaves), scale != 1
+        pair: tuple[Array, Array] = (scale, low)
+        return norms, [pair] * len(leaves), scale != 1
     rows = [x.reshape(x.shape[0], -1) for x in leaves]  # a reshape, not a copy
     parts = _norms.unit_norm_parts(rows, 2.0, [(1,)] * len(rows))
     # One [L, B] computation for every layer's scale instead of L small ones.
@@ -115,7 +116,7 @@ def _example_scales(
     up = jnp.where(big, 2.0**exponent, 1.0).astype(wide.dtype)
     norms = jnp.sqrt(jnp.sum(jnp.square(wide * down), axis=0)) * up
     clipped = jnp.any(table != 1, axis=0)
-    return norms, list(zip(table, lows)), clipped
+    return norms, [(table[i], lows[i]) for i in range(len(leaves))], clipped
 
 
 def _parts_scale(norm: Array, root: Array, multiplier: Array,
@@ -420,7 +421,8 @@ def clip_per_example(
             norm_max, norm_median = jnp.max(norms), _median(norms)
             fraction = jnp.mean(clipped.astype(jnp.float32))
         else:
-            scales = [(jnp.ones([batch], jnp.float32),) * 2 for _ in arrays]
+            ones = jnp.ones([batch], jnp.float32)
+            scales = [(ones, ones) for _ in arrays]
             norm_max = norm_median = fraction = jnp.zeros([], jnp.float32)
         key = state.key
         if noise_multiplier > 0:
