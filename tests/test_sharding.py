@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import math
-import subprocess
-import sys
-import traceback
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _in_a_child import check_in_a_child
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -227,56 +223,13 @@ def _check_state_sharding(name: str) -> None:
 
 
 
-def _explicit_mesh_child(names: list[str]) -> None:
-    """The child process's entry point: one JSON line per name, as each finishes."""
-    for name in names:
-        try:
-            _check_state_sharding(name)
-            error = None
-        except Exception:  # reported to the parent, which fails the test with it
-            error = traceback.format_exc()
-        print(json.dumps({"name": name, "error": error}), flush=True)
-
-
-def _run_child(names: list[str]) -> tuple[dict[str, str | None], subprocess.CompletedProcess]:
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_sharding; "
-            "test_sharding._explicit_mesh_child(sys.argv[2:])")
-    # The child inherits XLA_FLAGS (8 virtual devices) from conftest.py.
-    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), *names],
-                          capture_output=True, text=True, timeout=900)
-    reported = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith('{"name"'):
-            record = json.loads(line)
-            reported[record["name"]] = record["error"]
-    return reported, proc
-
-
 def test_state_sharding_types_are_stable_under_an_explicit_mesh():
     """Every registered transformation, checked in a child process.
 
-    Eager dispatch of many small multi-device computations on Explicit-sharded
-    arrays has aborted the whole interpreter inside XLA:CPU's runtime threads
-    (``Fatal Python error: Aborted`` in a non-Python thread, twice in about a dozen
-    full-suite runs on a loaded 2-core machine, never when run alone). In a child
-    process such an abort cannot take a pytest worker and its other tests down. A
-    child that dies by a signal is started once more for the names it had not
-    reported; a contract failure (an assertion) is reported as it is, never retried.
+    Eager runs on Explicit-sharded arrays aborted a pytest worker inside XLA:CPU
+    twice (see tests/_in_a_child.py).
     """
-    names = sorted(TRANSFORMATIONS)
-    reported, proc = _run_child(names)
-    if proc.returncode < 0:  # killed by a signal: the native abort, not an assertion
-        first_crash = proc.stderr[-3000:]
-        again, proc = _run_child([n for n in names if n not in reported])
-        reported |= again
-        assert proc.returncode >= 0, (
-            f"the child process aborted twice (signal {-proc.returncode});\n"
-            f"first:\n{first_crash}\nsecond:\n{proc.stderr[-3000:]}")
-    missing = [n for n in names if n not in reported]
-    assert not missing and proc.returncode == 0, (
-        f"exit code {proc.returncode}, no report for {missing}:\n{proc.stderr[-3000:]}")
-    failures = {n: e for n, e in reported.items() if e is not None}
-    assert not failures, "\n".join(f"--- {n}\n{e}" for n, e in failures.items())
+    check_in_a_child("test_sharding", "_check_state_sharding", sorted(TRANSFORMATIONS))
 
 
 # ---------------------------------------------------------------- 2. 2-D meshes under jit
@@ -327,13 +280,7 @@ def _assert_close(got, want, where):
                                    rtol=tight, atol=tight, err_msg=where)
 
 
-@pytest.mark.parametrize(
-    "axis_type,mesh_shape",
-    [(AxisType.Explicit, (2, 4)), (AxisType.Auto, (4, 2))],
-    ids=["explicit-2x4", "auto-4x2"],
-)
-@pytest.mark.parametrize("name", sorted(MULTI_AXIS))
-def test_jit_on_a_data_model_mesh_equals_unsharded(name, axis_type, mesh_shape):
+def _check_jit_on_a_mesh(name: str, axis_type=AxisType.Explicit, mesh_shape=(2, 4)) -> None:
     mesh = jax.make_mesh(mesh_shape, ("data", "model"), axis_types=(axis_type,) * 2)
     shardings = _shardings(mesh)
     put = lambda tree: jax.tree.map(jax.device_put, tree, shardings)
@@ -354,6 +301,21 @@ def test_jit_on_a_data_model_mesh_equals_unsharded(name, axis_type, mesh_shape):
     # acts on NaN only (tested sharded in sections 3 and 4).
     if not name.startswith(("monitor_norm", "skip_nonfinite")):
         assert any(_acted(oc.stats(state)) for _, state in want), sorted(oc.stats(want[-1][1]))
+
+
+@pytest.mark.parametrize("name", sorted(MULTI_AXIS))
+def test_jit_on_an_auto_data_model_mesh_equals_unsharded(name):
+    _check_jit_on_a_mesh(name, AxisType.Auto, (4, 2))
+
+
+# Two halves, so that two pytest workers can share them.
+@pytest.mark.parametrize("half", [0, 1])
+def test_jit_on_an_explicit_data_model_mesh_equals_unsharded(half):
+    """Every MULTI_AXIS entry on an Explicit 2x4 mesh, in a child process.
+
+    Such a run aborted a pytest worker once inside XLA:CPU (see tests/_in_a_child.py).
+    """
+    check_in_a_child("test_sharding", "_check_jit_on_a_mesh", sorted(MULTI_AXIS)[half::2])
 
 
 def _acted(stats) -> bool:
