@@ -96,6 +96,11 @@ def split_tiny(scale: Array, numerator: Array, denominator: Array) -> tuple[Arra
     ``scale`` and ``low`` is 1, which leaves ``g * high * low`` bit-identical to
     ``g * scale``. ``numerator * 2^k`` cannot overflow there: ``numerator <
     denominator * 2^-k`` and the denominator is finite.
+
+    Two normal factors reach scales down to ``tiny**2`` (2^-252 for float32). Below
+    that (a threshold near 1e-38 against a norm near 1e38) ``high`` is itself
+    subnormal and flushes; the only clipped values that would have been normal
+    there are below ``4 * tiny`` (4.7e-38), since no entry exceeds 2^128.
     """
     finfo = jnp.finfo(scale.dtype)
     k = -int(finfo.minexp)

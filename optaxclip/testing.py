@@ -134,6 +134,9 @@ def _wide(x: np.ndarray) -> np.ndarray:
     return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
 
 
+_SHIFT = 2.0**-64  # scales a float64 group so its norm cannot overflow
+
+
 def _tiny(dtype: Any) -> float:
     """Below this, XLA on CPU flushes the accumulation dtype's values to zero."""
     acc = jnp.promote_types(jnp.finfo(dtype).dtype, jnp.float32)
@@ -166,9 +169,15 @@ def _pnorm(m: np.ndarray, p: float, axis: Any = None) -> np.ndarray:
         return np.where(usable, largest * scaled, largest)
 
 
-def _group_norms(spec: ClipSpec, leaves: list[np.ndarray], dtypes: list[Any]) -> list[np.ndarray]:
-    """For each leaf, the float64 norm of the group each entry belongs to (broadcastable)."""
-    mags = [_magnitudes(x, d) for x, d in zip(leaves, dtypes)]
+def _group_norms(spec: ClipSpec, leaves: list[np.ndarray], dtypes: list[Any],
+                 shift: float = 1.0) -> list[np.ndarray]:
+    """For each leaf, the float64 norm of the group each entry belongs to (broadcastable).
+
+    ``shift`` (a power of two) multiplies the magnitudes after the flush to zero: with
+    ``2**-64`` the norm of finite float64 entries cannot overflow, so a group whose
+    norm is beyond float64's range still has a usable reference direction.
+    """
+    mags = [_magnitudes(x, d) * shift for x, d in zip(leaves, dtypes)]
     if spec.scope == "element":
         return mags
     if spec.scope == "global":
@@ -303,10 +312,13 @@ def assert_clip_contracts(
     # Whether each group's entries are finite: its max-norm is. (Its norm can overflow
     # even float64 for finite float64 entries, so the norm itself cannot say.)
     group_max = _group_norms(dataclasses.replace(spec, ord=math.inf, rms=False), g, dtypes)
+    # Finite float64 entries whose norm overflows float64 (entries near its max): the
+    # expected output is computed from their norm at 2**-64 of the scale.
+    n_small = _group_norms(spec, g, dtypes, shift=_SHIFT)
     for k, i in enumerate(positions):
         _check_scaled_leaf(spec, paths[i], g[k], o[k], dtypes[k], n_in[k], n_out[k],
                            rec_norm[k], threshold[k], scale[k], flags[k],
-                           np.isfinite(group_max[k]))
+                           np.isfinite(group_max[k]), n_small[k])
     return out, new_state
 
 
@@ -371,7 +383,7 @@ def _check_norms(name: str, where: str, want: Any, got: Any, *, element: bool = 
 def _check_scaled_leaf(spec: ClipSpec, where: str, g: np.ndarray, o: np.ndarray, dtype: Any,
                        n_in: np.ndarray, n_out: np.ndarray, rec_norm: np.ndarray,
                        threshold: np.ndarray, scale: np.ndarray, flags: np.ndarray,
-                       finite_group: np.ndarray) -> None:
+                       finite_group: np.ndarray, n_small: np.ndarray) -> None:
     name = spec.name
     if g.size == 0:
         return
@@ -411,13 +423,21 @@ def _check_scaled_leaf(spec: ClipSpec, where: str, g: np.ndarray, o: np.ndarray,
     denominator = np.where(np.isfinite(rec_norm), rec_norm, n_in) + spec.eps
     below = scale_ok & (scale < _tiny(dtype)) & (threshold > 0) & np.isfinite(threshold) & (
         denominator > threshold)
+    # A denominator beyond float64's range (finite float64 entries near its max): the
+    # same quotient from the input and its norm both taken at 2**-64 of the scale.
+    overflowed = below & ~np.isfinite(denominator)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         # (g / norm) * threshold: threshold / norm alone can underflow float64 too.
-        expected = np.where(below, g64 / np.where(below, denominator, 1) * threshold,
-                            g64 * applied)
-    slack = 2 * (_eps(dtype) + _eps(np.float32)) * np.abs(expected) + 2 * max(
-        float(jnp.finfo(dtype).smallest_subnormal), _tiny(dtype)
-    )
+        direction = np.where(overflowed, g64 * _SHIFT / np.where(overflowed, n_small, 1),
+                             g64 / np.where(below, denominator, 1))
+        expected = np.where(below, direction * threshold, g64 * applied)
+    floor = 2 * max(float(jnp.finfo(dtype).smallest_subnormal), _tiny(dtype))
+    # Two normal factors reach scales down to tiny**2 (2^-252 for float32); below
+    # that, the only normal clipped values are under 4 * tiny, and they may flush.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        deepest = below & (threshold / np.where(below, denominator, 1) < _tiny(dtype) ** 2)
+    floor = np.where(deepest, 2 * floor, floor)
+    slack = 2 * (_eps(dtype) + _eps(np.float32)) * np.abs(expected) + floor
     wrong = check & scale_ok & (np.abs(o64 - expected) > slack)
     if np.any(wrong):
         _fail(name, where, f"output {o64[wrong][:3]} is not input {g64[wrong][:3]} times "

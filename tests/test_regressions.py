@@ -482,3 +482,59 @@ def test_adagc_counts_warmup_alike_eagerly_and_under_jit_with_integer_leaves(sca
         assert int(eager.num_warmup) == int(jitted.num_warmup) == 1
         for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# 11. The contract harness's own float64 reference: finite float64 entries near
+# float64's max have a norm beyond its range. The reference norm was inf, so the
+# expected output (g / inf * threshold) was 0 and the harness rejected clippers that
+# scaled correctly (clip_by_norm and zclip to threshold 1.2e-38: outputs 1e-39).
+@pytest.mark.parametrize("name", ["clip_by_norm", "clip_by_global_norm", "zclip"])
+def test_the_harness_accepts_correct_output_when_the_float64_norm_overflows(name):
+    with jax.enable_x64(True):
+        entries = np.array([4.4e307, -7.4e307, -1.48e308, 1.6e308])
+        grads = jnp.asarray(entries, jnp.float64)
+        threshold = float(np.finfo(np.float32).tiny)
+        tx = {"zclip": lambda: oc.zclip(max_norm=threshold)}.get(
+            name, lambda: getattr(oc, name)(threshold))()
+        out, _ = oc.testing.assert_clip_contracts(tx, grads, mode="eager")
+        scaled = entries / np.max(np.abs(entries))
+        want = scaled / np.sqrt(np.sum(scaled**2)) * threshold
+        np.testing.assert_allclose(np.asarray(out), want, rtol=1e-12)
+        assert np.all(np.asarray(out) != 0)
+
+
+def test_the_harness_still_rejects_a_wrong_output_when_the_float64_norm_overflows(
+        monkeypatch):
+    from optaxclip import _clipper
+
+    scale = _clipper._scale
+
+    def halved(*args):  # a clipper that applies half the scale it should
+        high, low = scale(*args)
+        return high * 0.5, low
+
+    monkeypatch.setattr(_clipper, "_scale", halved)
+    with jax.enable_x64(True):
+        grads = jnp.asarray([4.4e307, -7.4e307, -1.48e308, 1.6e308], jnp.float64)
+        tx = oc.clip_by_norm(float(np.finfo(np.float32).tiny))
+        with pytest.raises(AssertionError, match="not input"):
+            oc.testing.assert_clip_contracts(tx, grads, mode="eager")
+
+
+# 12. Scales below tiny**2 (2^-252 in float32): a threshold near 1e-38 against a norm
+# near 1e38 needs a third factor, so the split scale's high part is subnormal and
+# flushes. Only clipped values under 4 * tiny could have been normal there; the
+# harness accepts those as flushed (documented in split_tiny and the README), and
+# nothing larger.
+def test_scales_below_tiny_squared_flush_only_values_under_four_tiny():
+    tiny = float(np.finfo(np.float32).tiny)
+    entries = np.array([3.3e38, 1e37, -1e37])
+    threshold = 4e-38
+    grads = jnp.asarray(entries, jnp.float32)
+    tx = oc.clip_by_norm(threshold)
+    out, _ = oc.testing.assert_clip_contracts(tx, grads, mode="jit")
+    g64 = np.asarray(grads, np.float64)
+    want = g64 / np.sqrt(np.sum(g64**2)) * float(np.float32(threshold))
+    assert float(np.float32(threshold)) / np.sqrt(np.sum(g64**2)) < tiny**2
+    assert np.all(np.abs(want) < 4 * tiny) and np.max(np.abs(want)) > 3 * tiny
+    assert np.all(np.abs(np.asarray(out, np.float64) - want) <= 4 * tiny)
