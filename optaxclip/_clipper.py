@@ -458,19 +458,8 @@ def _scale(spec: ClipSpec, norm: Array, parts: tuple[Array, Array],
         return scale, low  # a max never overflows before its largest entry does
     root, multiplier = parts
     wide = jnp.promote_types(threshold.dtype, root.dtype)
-    t, root, multiplier = threshold.astype(wide), root.astype(wide), multiplier.astype(wide)
-    overflowed = jnp.isposinf(norm) & jnp.isfinite(root) & jnp.isfinite(multiplier) & (
-        root > 0
-    )
-    # Two divisions, kept apart: XLA's simplifier rewrites (t / m) / r as
-    # t / (m * r), and m * r is the norm that overflowed (scale 0 under jit).
-    multiplier = jnp.where(overflowed, multiplier, 1)
-    root = jnp.where(overflowed, root, 1)
-    exact = jnp.minimum(lax.optimization_barrier(t / multiplier) / root, 1)
-    exact, exact_low = _scaling.split_tiny_parts(exact, t, multiplier, root)
-    exact = jnp.where(t == math.inf, 1, jnp.where(jnp.isnan(t), jnp.nan, exact))
-    return (jnp.where(overflowed, exact.astype(scale.dtype), scale),
-            jnp.where(overflowed, exact_low.astype(low.dtype), low))
+    return _scaling.rescale_overflowed(scale, low, jnp.isposinf(norm), threshold.astype(wide),
+                                       multiplier.astype(wide), root.astype(wide))
 
 
 def _clip_entries(spec: ClipSpec, updates: Any, norm: Array | None, threshold: Array):

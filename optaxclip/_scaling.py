@@ -133,6 +133,29 @@ def split_tiny_parts(exact: Array, threshold: Array, multiplier: Array,
     return high, low
 
 
+def rescale_overflowed(scale: Array, low: Array, overflowed: Array, threshold: Array,
+                       multiplier: Array, root: Array) -> tuple[Array, Array]:
+    """Replaces ``(scale, low)`` where a norm overflowed by the exact scale from its
+    parts, ``norm = multiplier * root``: ``min(1, threshold / root / multiplier)``,
+    split by ``split_tiny_parts``.
+
+    ``overflowed`` is narrowed to finite parts with ``root > 0`` (a NaN or infinite
+    entry keeps its NaN scale). The two divisions are kept apart by a barrier: XLA's
+    simplifier would rewrite ``(t / r) / m`` as ``t / (r * m)``, and ``r * m`` is the
+    norm that overflowed (scale 0 under jit). ``threshold / root`` first: ``root``
+    is at least 1 wherever a norm overflowed, so neither quotient overflows, and one
+    that underflows is recomputed by ``split_tiny_parts``. A threshold of ``inf``
+    gives 1 and a NaN threshold NaN, as in ``scale_factor``.
+    """
+    overflowed = overflowed & jnp.isfinite(root) & jnp.isfinite(multiplier) & (root > 0)
+    multiplier = jnp.where(overflowed, multiplier, 1)
+    root = jnp.where(overflowed, root, 1)
+    exact = jnp.minimum(lax.optimization_barrier(threshold / root) / multiplier, 1)
+    exact, exact_low = split_tiny_parts(exact, threshold, multiplier, root)
+    return (jnp.where(overflowed, exact.astype(scale.dtype), scale),
+            jnp.where(overflowed, exact_low.astype(low.dtype), low))
+
+
 def apply_scale(update: Any, scale: Array, low: Array | None = None) -> Any:
     """Multiplies one leaf by ``scale`` (times ``low``, the power of two
     ``split_tiny`` splits off a scale below the normal range), in at least

@@ -126,16 +126,8 @@ def _parts_scale(norm: Array, root: Array, multiplier: Array,
     threshold = threshold.astype(norm.dtype)
     scale, _ = _scaling.scale_factor(norm, threshold)
     scale, low = _scaling.split_tiny(scale, threshold, norm)
-    overflowed = jnp.isposinf(norm) & jnp.isfinite(root) & jnp.isfinite(multiplier) & (root > 0)
-    # The multiplier is a power of two (ord 2), so its inverse is exact; written
-    # as a product, XLA cannot fold the two divisions into one by the overflowed
-    # ``multiplier * root``.
-    multiplier = jnp.where(overflowed, multiplier, 1)
-    root = jnp.where(overflowed, root, 1)
-    exact = jnp.minimum(threshold * (1 / multiplier) / root, 1)
-    exact, exact_low = _scaling.split_tiny_parts(exact, threshold, multiplier, root)
-    return (jnp.where(overflowed, exact.astype(scale.dtype), scale),
-            jnp.where(overflowed, exact_low.astype(low.dtype), low))
+    return _scaling.rescale_overflowed(scale, low, jnp.isposinf(norm), threshold, multiplier,
+                                       root)
 
 
 def _rescued_scales(scale: Array, low: Array, leaves: list[Array], threshold: Array,
@@ -150,15 +142,8 @@ def _rescued_scales(scale: Array, low: Array, leaves: list[Array], threshold: Ar
     multiplier = jnp.asarray(2.0 ** _norms._rescue_exponent(acc), acc)
     root = _norms.batched_global_norm([_norms._multiplied(x, 1 / multiplier, acc)
                                        for x in leaves])
-    usable = jnp.isfinite(root) & (root > 0)
-    root = jnp.where(usable, root, 1)
-    t = threshold.astype(acc)
-    # t / root first: t * 2^-80 is subnormal (flushed to 0) for thresholds below 1e-14.
-    exact = jnp.minimum(lax.optimization_barrier(t / root) / multiplier, 1)
-    exact, exact_low = _scaling.split_tiny_parts(exact, t, multiplier, root)
-    rescued = overflowed & usable
-    return (jnp.where(rescued, exact.astype(scale.dtype), scale),
-            jnp.where(rescued, exact_low.astype(low.dtype), low))
+    return _scaling.rescale_overflowed(scale, low, overflowed, threshold.astype(acc),
+                                       multiplier, root)
 
 
 def _median(norms: Array) -> Array:
