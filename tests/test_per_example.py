@@ -265,6 +265,29 @@ def test_noise_statistics_and_sensitivity_scale():
     np.testing.assert_allclose(mean_out[0], out[0] / batch, rtol=1e-6)
 
 
+def test_noise_is_independent_across_leaves_dtypes_and_complex_parts():
+    """The noise is drawn once per real dtype and sliced into the leaves: every leaf
+    and each part of a complex leaf gets its own draw, at the stated std."""
+    batch, sigma, clip = 3, 2.0, 0.5
+    grads = {"a": jnp.zeros((batch, 60, 50)), "b": jnp.zeros((batch, 3000)),
+             "c": jnp.zeros((batch, 3000), jnp.complex64),
+             "h": jnp.zeros((batch, 3000), jnp.bfloat16), "s": jnp.zeros((batch,))}
+    tx = oc.clip_per_example(clip, reduce="sum", noise_multiplier=sigma, seed=4)
+    out, _ = jax.jit(tx.update)(grads, tx.init(None))
+    parts = {"a": out["a"].ravel(), "b": out["b"], "c.re": jnp.real(out["c"]),
+             "c.im": jnp.imag(out["c"]), "h": out["h"]}
+    assert out["a"].shape == (60, 50) and out["s"].shape == () and out["h"].dtype == jnp.bfloat16
+    for name, values in parts.items():
+        values = np.asarray(values, np.float64)
+        assert float(np.std(values)) == pytest.approx(sigma * clip, rel=0.06), name
+    names = sorted(parts)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            x = np.asarray(parts[first], np.float64)[:3000]
+            y = np.asarray(parts[second], np.float64)[:3000]
+            assert abs(np.corrcoef(x, y)[0, 1]) < 0.08, (first, second)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_noise_stream_resumes_from_a_checkpoint(mode):
     """Two steps in one run equal one step, a checkpoint restore (numpy arrays), one step."""
