@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 import optaxclip
@@ -52,6 +54,11 @@ def build(info: Any, threshold: float | None = None) -> Any:
         return info.build(value)
     except TypeError:
         return info.factory(value)
+
+
+def _matrix_or_other(params: Any) -> Any:
+    """Group labels for ``clip_by_group_norms``: "matrix" for leaves of rank 2 or more."""
+    return jax.tree.map(lambda x: "matrix" if jnp.ndim(x) >= 2 else "other", params)
 
 
 @dataclass
@@ -97,6 +104,19 @@ def step_contenders(
             # Guards with their defaults (the library's, not the quick-test ones).
             make = lambda info=info: info.factory(inner())
             label, group = f"{name}(chain(clip_by_global_norm, adam))", info.kind
+        elif info.kind == "per_example":
+            skipped[name] = ("per-example clipper: needs per-example gradients, not the "
+                             "batch gradient of this step (benchmarks/per_example.py)")
+            continue
+        elif info.kind == "moment_clipper":
+            # It wraps the optimizer (it reads Adam's second moment): SPAM's defaults.
+            make = lambda info=info: info.factory(optimizer())
+            label, group = f"{name}(adam)", "adaptive"
+        elif name == "clip_by_group_norms":
+            # Two groups, matrices and the rest, each with the benchmark threshold.
+            make = lambda info=info: optax.chain(info.factory(
+                {"matrix": threshold, "other": threshold}, _matrix_or_other), optimizer())
+            label, group = f"chain({name}(matrices, rest), adam)", "preset"
         elif info.kind == "preset":
             make = lambda info=info: info.factory(optimizer(), global_clipnorm=threshold)
             label, group = f"{name}(adam, global_clipnorm)", "preset"
