@@ -126,10 +126,6 @@ def step_contenders(
             except Exception as error:  # noqa: BLE001 - reported, not raised
                 skipped[name] = f"could not be built with benchmark arguments: {error}"
                 continue
-            if getattr(optaxclip.spec_of(probe), "scope", None) == "example":
-                skipped[name] = ("per-example clipper: needs per-example gradients, not the "
-                                 "batch gradient of this step")
-                continue
             if role(probe) == "update":
                 make = lambda info=info: optax.chain(optimizer(), build(info))
                 label, group = f"chain(adam, {name})", "update"
