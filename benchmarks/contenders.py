@@ -80,9 +80,9 @@ def step_contenders(
 ) -> tuple[dict[str, StepContender], dict[str, str]]:
     """All train-step contenders, and the registered factories left out with the reason.
 
-    ``adam`` alone, ``optax.clip_by_global_norm`` chained ahead of it, every
-    registered clipper chained ahead of it (an update clipper after it), every
-    guard around ``chain(clip_by_global_norm, adam)``, and
+    ``adam`` alone, ``optax.clip_by_global_norm`` and ``optax.adaptive_grad_clip``
+    chained ahead of it, every registered clipper chained ahead of it (an update
+    clipper after it), every guard around ``chain(clip_by_global_norm, adam)``, and
     ``clipped(adam, global_clipnorm=...)``.
     """
     out = {
@@ -92,6 +92,12 @@ def step_contenders(
         "optax.clip_by_global_norm": StepContender(
             "optax.clip_by_global_norm",
             lambda: optax.chain(optax.clip_by_global_norm(threshold), optimizer()), "reference"),
+        # optax's unit-wise clipper at optaxclip's benchmark ratio: the reference for the
+        # per-unit clippers (each unit's norm of the gradient and of the weight).
+        "optax.adaptive_grad_clip": StepContender(
+            "optax.adaptive_grad_clip",
+            lambda: optax.chain(optax.adaptive_grad_clip(ARGUMENTS["adaptive_grad_clip"]),
+                                optimizer()), "reference"),
     }
     skipped: dict[str, str] = {}
     inner = lambda: optax.chain(optaxclip.clip_by_global_norm(threshold), optimizer())

@@ -74,12 +74,13 @@ def _packed_entries(shapes: trees.Shapes) -> int:
     return sum(n for n in sizes if n < _norms._PACK_BELOW)
 
 
-def _point(shapes: trees.Shapes, repeats: int, with_optax: bool) -> dict:
+def _point(shapes: trees.Shapes, repeats: int, with_optax: bool,
+           with_raised: bool = True) -> dict:
     source = jax.tree.map(jnp.asarray, trees.make_tree(shapes))
     txs = {"optaxclip": (optaxclip.clip_by_global_norm, None)}
     if with_optax:
         txs["optax"] = (optax.clip_by_global_norm, None)
-    if _packed_entries(shapes) > _norms._PACK_TOTAL:
+    if with_raised and _packed_entries(shapes) > _norms._PACK_TOTAL:
         txs[RAISED] = (optaxclip.clip_by_global_norm, RAISED_CAP)
     contenders, compile_s, memory = {}, {}, {}
     for name, (factory, cap) in txs.items():
@@ -110,9 +111,13 @@ def _predicted(points: Sequence[dict], x: Sequence[int], at: int) -> float:
     return y1 * (at / x1) ** max(slope, 1.0)
 
 
-def run(sizes: GrowthSizes, log: Any = print, partial: str | None = None) -> dict:
+def run(sizes: GrowthSizes, log: Any = print, partial: str | None = None,
+        optaxclip_only: bool = False) -> dict:
     """Both sweeps; with ``partial``, the results so far are written there (JSON) after
-    every point, so a run stopped at a slow point keeps the earlier ones."""
+    every point, so a run stopped at a slow point keeps the earlier ones.
+
+    ``optaxclip_only`` runs neither optax nor the raised packing cap at any point: for
+    leaf counts where optax's compile is out of reach (20,000 leaves)."""
     import json
 
     out: dict[str, Any] = {"leaves": {}, "size": {}, "limit_s": OPTAX_COMPILE_LIMIT_S}
@@ -128,12 +133,13 @@ def run(sizes: GrowthSizes, log: Any = print, partial: str | None = None) -> dic
     for count in sizes.leaf_counts:
         shape = leaf_shape(TOTAL_ENTRIES if sizes.label != "tiny" else 64, count)
         predicted = _predicted(done, sizes.leaf_counts[: len(done)], count)
-        with_optax = predicted <= OPTAX_COMPILE_LIMIT_S
+        with_optax = predicted <= OPTAX_COMPILE_LIMIT_S and not optaxclip_only
         log(f"  growth: {count} leaves of {shape}"
             + ("" if with_optax else f" (optax skipped: predicted compile {predicted:.0f} s)"))
-        point = _point(trees.many_leaves_shapes(count, shape), sizes.repeats, with_optax)
+        point = _point(trees.many_leaves_shapes(count, shape), sizes.repeats, with_optax,
+                       with_raised=not optaxclip_only)
         point["shape"] = shape
-        if not with_optax:
+        if not with_optax and predicted:
             point["optax_predicted_compile_s"] = predicted
         out["leaves"][str(count)] = point
         done.append(point)
@@ -213,6 +219,11 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _shown(value: float, spec: str, suffix: str = "") -> str:
+    """``value`` formatted, or "-" where it was not measured (NaN)."""
+    return "-" if math.isnan(value) else f"{value:{spec}}{suffix}"
+
+
 def render(results: dict) -> list[str]:
     lines: list[str] = []
     for sweep, title in (("leaves", f"leaves, {TOTAL_ENTRIES:,} f32 entries in all"),
@@ -228,12 +239,16 @@ def render(results: dict) -> list[str]:
         for row, point in zip(growth_rows(sweep_points), sweep_points.values()):
             raised_t = point["times"].get(RAISED, {}).get("median_ms")
             raised_c = point["compile_s"].get(RAISED)
+            predicted = row["optax_predicted_compile_s"]
             optax_c = (f"{row['optax_compile_s']:.2f}" if not math.isnan(row["optax_compile_s"])
-                       else f"not run (predicted {row['optax_predicted_compile_s']:.0f})")
+                       else "not run" if predicted is None
+                       else f"not run (predicted {predicted:.0f})")
             lines.append(
                 f"| {row['x']:,} | {'x'.join(map(str, row['shape']))} "
-                f"| {row['optaxclip_ms']:.2f} | {row['optax_ms']:.2f} | {row['step_ratio']:.3f}x "
-                f"| {row['optaxclip_compile_s']:.2f} | {optax_c} | {row['compile_ratio']:.3f}x "
+                f"| {row['optaxclip_ms']:.2f} | {_shown(row['optax_ms'], '.2f')} "
+                f"| {_shown(row['step_ratio'], '.3f', 'x')} "
+                f"| {row['optaxclip_compile_s']:.2f} | {optax_c} "
+                f"| {_shown(row['compile_ratio'], '.3f', 'x')} "
                 f"| {row['optaxclip_temp_mib']:.2f} "
                 f"| {'-' if raised_t is None else f'{raised_t:.2f}'} "
                 f"| {'-' if raised_c is None else f'{raised_c:.2f}'} |")
@@ -254,12 +269,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", help="PNG path")
     parser.add_argument("--leaves", type=int, action="append",
                         help="leaf counts to run instead of the preset's")
+    parser.add_argument("--no-size-sweep", action="store_true",
+                        help="run the sweep over leaf counts only")
+    parser.add_argument("--optaxclip-only", action="store_true",
+                        help="run neither optax nor the raised packing cap (e.g. 20,000 leaves)")
     args = parser.parse_args(argv)
     sizes = SIZES[args.sizes]
     if args.leaves:
         sizes = dataclasses.replace(sizes, leaf_counts=tuple(args.leaves))
+    if args.no_size_sweep:
+        sizes = dataclasses.replace(sizes, sizes=())
     result = run(sizes, log=lambda m: print(m, file=sys.stderr, flush=True),
-                 partial=args.json)
+                 partial=args.json, optaxclip_only=args.optaxclip_only)
     result["machine"] = timing.machine()
     if args.json:
         with open(args.json, "w") as f:

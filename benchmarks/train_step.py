@@ -10,6 +10,7 @@ plan and what the HLO says about the gradients (``benchmarks.hlo``).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections.abc import Callable
@@ -184,9 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train-step benchmark (one or more cases).")
     parser.add_argument("--sizes", choices=("full", "quick", "tiny"), default="full")
     parser.add_argument("--case", action="append", help="model/dtype, e.g. gpt/float32")
+    parser.add_argument("--contender", action="append",
+                        help="run only these contenders (names as in the table; repeatable)")
     parser.add_argument("--json", required=True, help="write the results here")
     args = parser.parse_args(argv)
     sizes = {"full": FULL_STEP, "quick": QUICK_STEP, "tiny": TINY_STEP}[args.sizes]
+    if args.contender:
+        known, _ = contenders.step_contenders()
+        unknown = sorted(set(args.contender) - set(known))
+        if unknown:
+            parser.error(f"--contender: unknown name(s) {unknown}; choose from {sorted(known)}")
+        sizes = dataclasses.replace(sizes, only=tuple(args.contender))
     import sys
 
     results = run(sizes, log=lambda m: print(m, file=sys.stderr, flush=True),

@@ -83,6 +83,20 @@ def _widest(leaves: Sequence[Array]) -> Any:
     return dtype
 
 
+def _widened(x: Array, acc: Any) -> Array:
+    """``x`` in ``acc``'s precision where its own accumulation dtype is narrower.
+
+    In a tree with float64 leaves (x64) a float32 leaf's power sum is taken in
+    float64 with the rest: in float32 it overflows from entries of 2^64 and flushes
+    below 2^-63, and the tree's rescue, scaled for float64's range, cannot recover
+    either (entries of 2^-64 times 2^640, squared, overflow float64). No extra read:
+    the cast fuses into the reduction. Complex leaves keep their imaginary part.
+    """
+    if accumulation_dtype(x.dtype) == acc:
+        return x
+    return x.astype(jnp.result_type(acc, jnp.complex64) if jnp.iscomplexobj(x) else acc)
+
+
 def _safe_pow(magnitude: Array, power: float) -> Array:
     """``magnitude ** power`` with a finite derivative at zero; NaN and inf propagate."""
     zero = magnitude == 0
@@ -498,7 +512,7 @@ def global_norm_parts(
 def _global_sums(leaves: list[Array], p: float) -> list[Array]:
     """One power sum per packed chunk (a list: chunks may vary differently across shards)."""
     acc = _widest(leaves)
-    return [_power_sum(x, p).astype(acc) for x in _packed(leaves)]
+    return [_power_sum(_widened(x, acc), p) for x in _packed(leaves)]
 
 
 def _combine_rescued(
@@ -665,7 +679,7 @@ def _example_axes(x: Array) -> tuple[int, ...]:
 def _batched_sums(leaves: list[Array], p: float) -> list[Array]:
     """One ``[B]`` power sum per packed chunk."""
     acc = _widest(leaves)
-    return [_power_sum(x, p, _example_axes(x)).astype(acc) for x in _batched_parts(leaves)]
+    return [_power_sum(_widened(x, acc), p, _example_axes(x)) for x in _batched_parts(leaves)]
 
 
 @functools.cache

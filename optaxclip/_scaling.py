@@ -133,6 +133,30 @@ def split_tiny_parts(exact: Array, threshold: Array, multiplier: Array,
     return high, low
 
 
+def narrowed(scale: Array, low: Array | None, dtype: Any) -> tuple[Array, Array | None]:
+    """``(scale, low)`` in ``dtype``, re-split where the narrowing would flush the scale.
+
+    A scale computed in a wider dtype than a leaf's (a float64 global norm over a tree
+    that also has float32 leaves, under x64) can be a normal number there and
+    subnormal in the leaf's dtype, where XLA flushes it to zero: clipping a norm of
+    1e40 to 1 would zero a float32 entry of 1e30 instead of giving 1e-10. There the
+    scale becomes ``high = scale * 2^k`` and ``low = 2^-k`` in ``dtype`` (``k = 126``
+    for float32), as ``split_tiny`` does; elsewhere the pair is only cast (``low``
+    stays None where it was None). A scale no wider than ``dtype`` is only cast.
+    """
+    dtype = jnp.dtype(dtype)
+    if jnp.finfo(scale.dtype).bits <= jnp.finfo(dtype).bits:
+        return scale.astype(dtype), None if low is None else low.astype(dtype)
+    # A wide low below 1 means a scale below the wide dtype's normal range, far
+    # below anything a narrow entry times it can reach: the product's zero is right.
+    total = scale if low is None else scale * low
+    finfo = jnp.finfo(dtype)
+    k = -int(finfo.minexp)
+    tiny = (total > 0) & (total < finfo.tiny)
+    high = jnp.where(tiny, total * jnp.asarray(2.0**k, total.dtype), total).astype(dtype)
+    return high, jnp.where(tiny, jnp.asarray(2.0**-k, dtype), jnp.ones([], dtype))
+
+
 def rescale_overflowed(scale: Array, low: Array, overflowed: Array, threshold: Array,
                        multiplier: Array, root: Array) -> tuple[Array, Array]:
     """Replaces ``(scale, low)`` where a norm overflowed by the exact scale from its
@@ -170,15 +194,17 @@ def apply_scale(update: Any, scale: Array, low: Array | None = None) -> Any:
     the result's bit pattern down by one where that rounding grew the magnitude.
     To ``jax.grad`` it is the plain cast (the derivative of ``g * scale`` in the
     leaf's dtype). Complex leaves are scaled in their own (at least complex64)
-    precision.
+    precision. A scale wider than the leaf (float64 over a float32 leaf, under
+    x64) is narrowed by ``narrowed``, so it is not flushed to zero on the way.
     """
     if update is None or not is_float_leaf(update):
         return update
     update = jnp.asarray(update)
     compute = jnp.promote_types(update.dtype, accumulation_dtype(update.dtype))
-    product = update.astype(compute) * scale.astype(accumulation_dtype(compute))
-    if low is not None:
-        product = product * low.astype(accumulation_dtype(compute))
+    factor, factor_low = narrowed(scale, low, accumulation_dtype(compute))
+    product = update.astype(compute) * factor
+    if factor_low is not None:
+        product = product * factor_low
     if compute != update.dtype and not jnp.iscomplexobj(update):
         scaled = _toward_zero(product, update.dtype)
     else:

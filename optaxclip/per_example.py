@@ -170,10 +170,13 @@ def _weighted_sums(leaves: list[Array], scales: list[tuple[Array, Array]]) -> li
     ``scales`` are ``_scaling.split_tiny``'s ``(high, low)`` per example. One
     ``lax.cond`` for the whole tree (not one per leaf: 148 of them were 440 extra
     kernels on a GPT-2-shaped tree) keeps the split sums off the usual path,
-    where every ``low`` is 1.
+    where every ``low`` is 1. A pair wider than its leaf (float64 scales over a
+    float32 leaf, under x64) is narrowed to the leaf's precision first
+    (``_scaling.narrowed``), so a scale normal in float64 is not flushed there.
     """
     if not leaves:
         return []
+    scales = [_scaling.narrowed(high, low, _real(x)) for x, (high, low) in zip(leaves, scales)]
     any_tiny = jnp.any(jnp.stack([jnp.any(low != 1) for _, low in scales]))
 
     def usual() -> list[Array]:

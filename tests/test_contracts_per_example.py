@@ -37,7 +37,8 @@ import optaxclip as oc
 FACTORIES = oc.registered_factories()
 PER_EXAMPLE = sorted(name for name, info in FACTORIES.items() if info.kind == "per_example")
 SHAPES = {"a": (3, 4), "b": (4,), "c": ()}
-DTYPES = ("float16", "bfloat16", "float32", "complex64", "mixed", "float64")
+DTYPES = ("float16", "bfloat16", "float32", "complex64", "mixed", "float64", "mixed64")
+WIDE = ("float64", "mixed64")  # run under x64: float64 norms, scales and threshold
 # "near_max": entries up to a quarter of each dtype's largest value, so norms
 # overflow the accumulation dtype and scales fall below its normal range (a norm
 # of 1e38 clipped to 1e-3: 1e-41, which XLA flushes to 0 unless split).
@@ -55,6 +56,8 @@ def test_the_per_example_clippers_are_enumerated():
 def _dtypes(policy: str) -> list:
     if policy == "mixed":
         return [jnp.dtype(d) for d in ("float32", "bfloat16", "float16")]
+    if policy == "mixed64":
+        return [jnp.dtype(d) for d in ("float64", "float32", "bfloat16")]
     return [jnp.dtype(policy)] * len(SHAPES)
 
 
@@ -135,7 +138,7 @@ def test_per_example_contracts(name, dtype, scale, nonfinite, threshold, batch, 
                                per_layer, mode, seed):
     # Unclipped (max_norm inf), a sum of entries near the max overflows as any sum does.
     assume(not (scale == "near_max" and threshold == math.inf))
-    with jax.enable_x64(dtype == "float64"), warnings.catch_warnings():
+    with jax.enable_x64(dtype in WIDE), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         grads = _grads(dtype, scale, nonfinite, batch, seed)
         tx = FACTORIES[name].build(threshold, reduce=reduce, per_layer=per_layer)
@@ -147,7 +150,7 @@ def test_per_example_contracts(name, dtype, scale, nonfinite, threshold, batch, 
             assert all(np.all(np.asarray(o) == 0) for o in out.values())
             return
         # The threshold as the transformation holds it: float32, float64 with x64.
-        used = threshold if dtype == "float64" else float(np.float32(threshold))
+        used = threshold if dtype in WIDE else float(np.float32(threshold))
         want, norms, surely, maybe = _reference(grads, used, reduce, per_layer)
         if nonfinite is not None and threshold == math.inf:
             # max_norm = inf is the plain mean / sum: the bad entry passes through

@@ -537,3 +537,134 @@ def test_scales_below_tiny_squared_flush_only_values_under_four_tiny():
     assert float(np.float32(threshold)) / np.sqrt(np.sum(g64**2)) < tiny**2
     assert np.all(np.abs(want) < 4 * tiny) and np.max(np.abs(want)) > 3 * tiny
     assert np.all(np.abs(np.asarray(out, np.float64) - want) <= 4 * tiny)
+
+
+# 13. Mixed float64/float32 trees under x64: a float64 global norm of 1e40 clipped to 1
+# gives the scale 1e-40, normal in float64 and subnormal in float32. It was flushed to
+# zero when cast for the float32 leaves, so finite float32 entries (1e30: clipped
+# 1e-10) came out 0, silently. The scale is now re-split in the leaf's dtype.
+MIXED_X64_CLIPPERS = {
+    "clip_by_global_norm": lambda t: oc.clip_by_global_norm(t),
+    "clip_by_group_norms": lambda t: oc.clip_by_group_norms(
+        {"all": t}, lambda tree: jax.tree.map(lambda _: "all", tree)),
+    "clipped(global_clipnorm)": lambda t: oc.clipped(optax.identity(), global_clipnorm=t),
+}
+
+
+def _mixed_x64_grads():
+    return {"wide": jnp.array([1e40, -2e39], jnp.float64),
+            "f32": jnp.array([1e30, -3e25, 0.0], jnp.float32),
+            "bf16": jnp.array([1e30, 2.0], jnp.bfloat16),
+            "c64": jnp.array([1e30 + 1e29j], jnp.complex64)}
+
+
+def _mixed_x64_reference(grads, threshold):
+    leaves = {k: np.asarray(v.astype(jnp.complex128 if jnp.iscomplexobj(v) else jnp.float64))
+              for k, v in grads.items()}
+    norm = math.sqrt(sum(float(np.sum(np.abs(x) ** 2)) for x in leaves.values()))
+    return {k: x * (threshold / norm) for k, x in leaves.items()}
+
+
+@pytest.mark.parametrize("threshold", [1.0, 1e-20])
+@pytest.mark.parametrize("name", sorted(MIXED_X64_CLIPPERS))
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_float64_scales_are_not_flushed_for_narrower_leaves(name, threshold, jit):
+    with jax.enable_x64(True):
+        grads = _mixed_x64_grads()
+        tx = MIXED_X64_CLIPPERS[name](threshold)
+        update = jax.jit(tx.update) if jit else tx.update
+        out, _ = update(grads, tx.init(grads))
+        want = _mixed_x64_reference(grads, threshold)
+        rtol = {"wide": 1e-12, "f32": 1e-6, "bf16": 2**-7, "c64": 1e-6}
+        for key, expected in want.items():
+            got = np.asarray(out[key].astype(
+                jnp.complex128 if jnp.iscomplexobj(out[key]) else jnp.float64))
+            big = np.abs(expected) > 1e-36  # clipped values that are normal numbers
+            assert big.sum() >= 1
+            np.testing.assert_allclose(got[big], expected[big], rtol=rtol[key], err_msg=key)
+        assert float(np.asarray(out["f32"][0])) > 0  # 1e-10 or 1e-30, not 0
+        if oc.testing.clipper_spec(tx) is not None:  # the harness takes make_clipper's
+            oc.testing.assert_clip_contracts(tx, grads, mode="jit" if jit else "eager")
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_per_example_float64_scales_are_not_flushed_for_float32_leaves(per_layer):
+    with jax.enable_x64(True):
+        grads = {"wide": jnp.array([[1e40], [0.0], [2e40]], jnp.float64),
+                 "f32": jnp.array([[1e30, 3e25], [0.0, 0.0], [1e30, 1e30]], jnp.float32)}
+        tx = oc.clip_per_example(1.0, reduce="sum", per_layer=per_layer)
+        rows = {k: np.asarray(v, np.float64) for k, v in grads.items()}
+        if per_layer:  # each of the L layers to C / sqrt(L)
+            limit = 1 / math.sqrt(len(rows))
+            norms = {k: np.sqrt(np.sum(x**2, axis=1, keepdims=True)) for k, x in rows.items()}
+        else:
+            limit = 1.0
+            total = np.sqrt(sum(np.sum(x**2, axis=1, keepdims=True) for x in rows.values()))
+            norms = {k: total for k in rows}
+        want = {k: np.sum(x * np.minimum(1, limit / np.where(norms[k] > 0, norms[k], 1)),
+                          axis=0) for k, x in rows.items()}
+        for update in (tx.update, jax.jit(tx.update)):
+            out, _ = update(grads, tx.init(None))
+            for key in want:
+                np.testing.assert_allclose(np.asarray(out[key], np.float64), want[key],
+                                           rtol=1e-5, err_msg=key)
+
+
+# 14. The same trees' norms: a float32 leaf's power sum was taken in float32 and only
+# then added to the float64 total, so it overflowed from entries of 2^64 and flushed
+# below 2^-63, and the rescue (scaled for float64's range: 2^-640 and 2^640) could
+# not recover it. The norm of {float64 [1.0], float32 [1e30]} was 0, so nothing was
+# clipped; with entries of 1e-20 it was inf, so every output was NaN. The contract
+# matrix's "mixed64" trees found it.
+MIXED_X64_NORM_CASES = {
+    "float32 sum overflows": {"a": [1.0], "b": ([1e30], "float32")},
+    "float32 sum flushes": {"a": [1e-300], "b": ([1e-20, -3e-20], "float32")},
+    "complex64 sum flushes": {"a": [1e-300], "b": ([1e-20 + 1e-20j], "complex64")},
+    "complex64 and bf16 overflow": {"a": [1.0], "b": ([1e30 + 1e30j], "complex64"),
+                                    "c": ([1e30], "bfloat16")},
+    "float32 entries of 2^-64": {"a": [0.0], "b": ([2.0**-64, 2.0**-64], "float32")},
+}
+
+
+def _mixed_tree(spec):
+    return {k: jnp.asarray(v, jnp.float64) if isinstance(v, list)
+            else jnp.asarray(v[0], v[1]) for k, v in spec.items()}
+
+
+@pytest.mark.parametrize("ord", [2, 3])
+@pytest.mark.parametrize("case", sorted(MIXED_X64_NORM_CASES))
+def test_norms_of_mixed_float64_trees_keep_every_leaf(case, ord):
+    with jax.enable_x64(True):
+        tree = _mixed_tree(MIXED_X64_NORM_CASES[case])
+        entries = np.concatenate([np.abs(np.asarray(x).astype(np.complex128)).ravel()
+                                  for x in tree.values()])
+        top = np.max(entries)
+        want = top * np.sum((entries / top) ** ord) ** (1 / ord)
+        for norm in (oc.global_norm, jax.jit(oc.global_norm, static_argnums=1)):
+            np.testing.assert_allclose(float(norm(tree, ord)), want, rtol=1e-6)
+        batched = oc._norms.batched_global_norm(jax.tree.map(lambda x: x[None], tree), ord)
+        np.testing.assert_allclose(np.asarray(batched), [want], rtol=1e-6)
+        if ord == 2:  # the clip sees the same norm: it halves every leaf
+            tx = oc.clip_by_global_norm(want / 2)
+            out, state = tx.update(tree, tx.init(tree))
+            assert float(oc.stats(state)["clip_by_global_norm/scale"]) == pytest.approx(0.5)
+            for key, x in tree.items():
+                np.testing.assert_allclose(
+                    np.asarray(out[key]).astype(np.complex128),
+                    np.asarray(x).astype(np.complex128) / 2, rtol=2**-7, err_msg=key)
+
+
+def test_the_harness_catches_a_float64_scale_flushed_for_float32_leaves(monkeypatch):
+    from optaxclip import _scaling
+
+    def cast(scale, low, dtype):  # what apply_scale did before: a plain cast
+        return scale.astype(dtype), None if low is None else low.astype(dtype)
+
+    monkeypatch.setattr(_scaling, "narrowed", cast)
+    with jax.enable_x64(True):
+        grads = _mixed_x64_grads()
+        tx = oc.clip_by_global_norm(1.0)
+        out, _ = tx.update(grads, tx.init(grads))
+        assert float(np.asarray(out["f32"][0])) == 0  # the defect, reproduced
+        with pytest.raises(AssertionError):
+            oc.testing.assert_clip_contracts(tx, grads, mode="eager")
