@@ -134,8 +134,10 @@ def run(sizes: GrowthSizes, log: Any = print, partial: str | None = None,
         shape = leaf_shape(TOTAL_ENTRIES if sizes.label != "tiny" else 64, count)
         predicted = _predicted(done, sizes.leaf_counts[: len(done)], count)
         with_optax = predicted <= OPTAX_COMPILE_LIMIT_S and not optaxclip_only
-        log(f"  growth: {count} leaves of {shape}"
-            + ("" if with_optax else f" (optax skipped: predicted compile {predicted:.0f} s)"))
+        why = ("--optaxclip-only" if optaxclip_only
+               else f"predicted compile {predicted:.0f} s")
+        log(f"  growth: {count} leaves of {shape}" + ("" if with_optax
+                                                       else f" (optax skipped: {why})"))
         point = _point(trees.many_leaves_shapes(count, shape), sizes.repeats, with_optax,
                        with_raised=not optaxclip_only)
         point["shape"] = shape

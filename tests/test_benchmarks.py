@@ -1,5 +1,6 @@
 """The benchmark runner works end to end at a tiny size (a smoke test: no timing asserts)."""
 
+import json
 import math
 
 import jax
@@ -103,3 +104,30 @@ def test_per_example_benchmark_runs_and_agrees_with_optax():
             "jax_privacy.clip_pytree"} <= set(timings)
     assert all(t["median_ms"] > 0 for t in timings.values())
     assert "| optaxclip.clip_per_example" in per_example.render(results)
+
+
+def test_train_step_runs_only_the_named_contenders(tmp_path):
+    from benchmarks import train_step
+
+    out = tmp_path / "ts.json"
+    names = ["adam", "spam(adam)", "chain(clip_by_group_norms(matrices, rest), adam)",
+             "optax.adaptive_grad_clip"]
+    argv = ["--sizes", "tiny", "--case", "mlp/float32", "--json", str(out)]
+    assert train_step.main(argv + [a for n in names for a in ("--contender", n)]) == 0
+    case = json.loads(out.read_text())["mlp/float32"]
+    assert set(case["times"]) == set(names) and not case["failed"]
+    with pytest.raises(SystemExit):  # argparse's error: an unknown name is refused
+        train_step.main(argv + ["--contender", "no such contender"])
+
+
+def test_growth_can_leave_out_optax_and_the_size_sweep(tmp_path, capsys):
+    from benchmarks import growth
+
+    out = tmp_path / "growth.json"
+    assert growth.main(["--sizes", "tiny", "--leaves", "3", "--no-size-sweep",
+                        "--optaxclip-only", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["leaves"]) == ["3"] and result["size"] == {}
+    assert set(result["leaves"]["3"]["times"]) == {"optaxclip"}
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3 |"))
+    assert "| not run |" in row and "nan" not in row  # optax's columns read "-", not nan

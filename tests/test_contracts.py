@@ -1,15 +1,16 @@
 """The contract matrix: every registered transformation, over generated cases.
 
 Cases are drawn by hypothesis from the product of dtypes (fp16, bf16, f32,
-complex64, mixed trees, f64 under x64), thresholds (0, the smallest normal,
-tiny, 1, huge, each dtype's max and above, inf; static, traced through
-``inject_hyperparams`` and scheduled), gradient scales (0, subnormal, tiny, 1,
-large, near each dtype's max, a norm beyond it; one NaN/+inf/-inf entry), structures (one bare
-leaf, many leaves, the empty tree, scalar and zero-size leaves, ``None`` /
-``MaskedNode`` / integer leaves), execution (eager, jit, vmap, donated state,
-state restored as numpy arrays) and history (fresh, after warmup, after a huge
-but finite norm). Each case is checked against float64 numpy references by
-``optaxclip.testing`` (see its docstring for the contracts).
+complex64, mixed trees, f64 under x64, f64 next to narrower leaves under x64),
+thresholds (0, the smallest normal, tiny, 1, huge, each dtype's max and above,
+inf; static, traced through ``inject_hyperparams`` and scheduled), gradient
+scales (0, subnormal, tiny, 1, large, near each dtype's max, a norm beyond it;
+one NaN/+inf/-inf entry), structures (one bare leaf, many leaves, the empty
+tree, scalar and zero-size leaves, ``None`` / ``MaskedNode`` / integer leaves),
+execution (eager, jit, vmap, donated state, state restored as numpy arrays) and
+history (fresh, after warmup, after a huge but finite norm). Each case is
+checked against float64 numpy references by ``optaxclip.testing`` (see its
+docstring for the contracts).
 
 The transformations come from ``optaxclip.registered_factories()``: a clipper
 added to the package is covered without editing this file, and

@@ -2,7 +2,8 @@
 
 Their input has a leading example axis and their output is the batch's mean or sum,
 so the clipper matrix in ``test_contracts.py`` does not apply. Cases are drawn by
-hypothesis over dtypes (fp16, bf16, f32, complex64, mixed trees, f64 under x64),
+hypothesis over dtypes (fp16, bf16, f32, complex64, mixed trees, f64 under x64, f64
+next to f32 and bf16 leaves under x64),
 gradient scales (0, tiny, 1, large), one NaN/+inf/-inf entry,
 thresholds (0, tiny, 1, huge, inf), batch sizes (0 to 5), ``reduce`` and
 ``per_layer``, and execution modes (eager, jit, donated and numpy-restored state).
