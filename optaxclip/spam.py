@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import optax
 
 from optaxclip import _norms, _scaling, _spec, _state
@@ -130,6 +131,32 @@ def _check_moments(inner_state: Any, params: Any) -> None:
 # ---------------------------------------------------------------- clipping
 
 
+_EXACT_COUNT = 2**24  # float32 counts every integer up to here exactly
+
+
+def _counts(*masks: Array) -> tuple[Array, ...]:
+    """How many entries of each mask are True, as int32, exactly, in one pass.
+
+    One variadic float32 sum reduction over all the masks: XLA:CPU fuses it with
+    the masks' producer, where an int32 sum (or a float32 ``jnp.sum`` of one mask)
+    first writes each mask out as a full array. A float32 sum of at most 2^24
+    ones is exact in any order, so a larger leaf is summed along its last axis
+    first and the row counts are added as int32.
+    """
+    flags = tuple(jnp.where(lax.stop_gradient(m), 1.0, 0.0).astype(jnp.float32) for m in masks)
+    shape = flags[0].shape
+    if math.prod(shape) <= _EXACT_COUNT:
+        axes = tuple(range(len(shape)))
+    elif len(shape) >= 2 and shape[-1] <= _EXACT_COUNT:
+        axes = (len(shape) - 1,)
+    else:  # a huge 1-D leaf: int32 sums, exact at any size
+        return tuple(jnp.sum(m, dtype=jnp.int32) for m in masks)
+    zero = jnp.zeros([], jnp.float32)
+    sums = lax.reduce(flags, (zero,) * len(flags),
+                      lambda a, b: tuple(x + y for x, y in zip(a, b)), axes)
+    return tuple(jnp.sum(c.astype(jnp.int32)) for c in sums)
+
+
 def clip_spikes(
     updates: Any, moments: list[Array | None], theta: float
 ) -> tuple[Any, Array, Array]:
@@ -153,14 +180,21 @@ def clip_spikes(
             continue
         g = jnp.asarray(g)
         acc = _norms.accumulation_dtype(g.dtype)
-        num_nonfinite += jnp.sum(~jnp.isfinite(g)).astype(jnp.int32)
         if v is None:
+            (leaf_nonfinite,) = _counts(~jnp.isfinite(g))
+            num_nonfinite += leaf_nonfinite
             continue
         magnitude = _norms._magnitude(g, acc)
         second = jnp.abs(jnp.real(jnp.asarray(v))).astype(acc)
         limit = jnp.asarray(root_theta, acc) * jnp.sqrt(second)
         over = (second > 0) & (magnitude > limit)
-        num_clipped += jnp.sum(over).astype(jnp.int32)
+        leaf_clipped, leaf_nonfinite = _counts(over, ~jnp.isfinite(g))
+        num_clipped += leaf_clipped
+        num_nonfinite += leaf_nonfinite
+        # The same mask, made to depend on the leaf's count: XLA must then finish the
+        # count (which reads v) before the inner optimizer overwrites v in place;
+        # without that order it copied every donated second moment first.
+        over = over & (leaf_clipped > 0)
         if jnp.iscomplexobj(g):
             # The unit phase first, then the limit: limit / |g| could be subnormal.
             # An entry whose modulus overflows, or with an infinite component, gets

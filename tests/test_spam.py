@@ -186,3 +186,18 @@ def test_contracts_hold_for_fp16_entries_scaled_below_the_smallest_subnormal_aft
     assert int(new_state.spam.num_resets) == 1
     assert float(new_state.spam.warmup_scale) < 1
     assert np.all(np.asarray(out) == 0)
+
+
+@pytest.mark.parametrize("shape", [(5,), (2**24 + 3,), (4097, 4096), (3, 2**12, 2**12 + 1)])
+def test_spike_counts_are_exact_beyond_float32_integers(shape):
+    # Counts ride in a float32 reduction (one fused pass); float32 holds every
+    # integer only up to 2^24, so larger leaves are counted by rows (or as int32).
+    from optaxclip.spam import _counts
+
+    size = math.prod(shape)
+    mask = jnp.ones(shape, bool)
+    every_other = (jnp.arange(size) % 2 == 0).reshape(shape)
+    for count in (_counts, jax.jit(_counts)):
+        got = count(mask, every_other, ~mask)
+        assert [int(c) for c in got] == [size, (size + 1) // 2, 0]
+        assert all(c.dtype == jnp.int32 for c in got)
