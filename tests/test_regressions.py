@@ -587,6 +587,33 @@ def test_float64_scales_are_not_flushed_for_narrower_leaves(name, threshold, jit
             oc.testing.assert_clip_contracts(tx, grads, mode="jit" if jit else "eager")
 
 
+@pytest.mark.parametrize("name", ["clip_by_norm", "clip_by_global_norm", "clip_by_block_rms",
+                                  "adaptive_grad_clip"])
+def test_float32_trees_under_x64_get_their_tiny_scales(name):
+    # The same cast hit float32-only trees under x64: a Python float threshold is a
+    # float64 there, so the scale of a norm of 1e38 clipped to 1 (1e-38, subnormal in
+    # float32 but normal in float64) was not split, and every entry came out 0.
+    # (adaptive_grad_clip casts its limits to the leaf's dtype and was not hit; it is
+    # here as the per-unit case.)
+    with jax.enable_x64(True):
+        grads = {"w": jnp.array([[1e38, 1e37], [-1e37, 1e30]], jnp.float32)}
+        # AGC: unit weight norms sqrt(2), so limits of 0.71 against a norm of 1e38.
+        params = {"w": jnp.ones((2, 2), jnp.float32)} if name == "adaptive_grad_clip" \
+            else None
+        tx = (oc.adaptive_grad_clip(0.5) if name == "adaptive_grad_clip"
+              else getattr(oc, name)(1e-3 if name == "clip_by_block_rms" else 1.0))
+        out, state = tx.update(grads, tx.init(params if params else grads), params)
+        scale = np.asarray(oc.stats(state)[f"{name}/scale"], np.float64) \
+            if name != "adaptive_grad_clip" else None
+        got = np.asarray(out["w"], np.float64)
+        assert np.all(got[np.asarray(grads["w"]) != 0] != 0), got  # nothing flushed to 0
+        if scale is not None:  # the recorded scale is the one applied
+            want = np.asarray(grads["w"], np.float64) * scale
+            big = np.abs(want) > 1e-36
+            np.testing.assert_allclose(got[big], want[big], rtol=1e-6)
+        oc.testing.assert_clip_contracts(tx, grads, params=params, mode="jit")
+
+
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_per_example_float64_scales_are_not_flushed_for_float32_leaves(per_layer):
     with jax.enable_x64(True):
