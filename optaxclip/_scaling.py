@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any, Union, overload
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +131,14 @@ def split_tiny_parts(exact: Array, threshold: Array, multiplier: Array,
     high = jnp.where(tiny, raised / root, exact)
     low = jnp.where(tiny, jnp.asarray(1 / half / half, exact.dtype), jnp.ones([], exact.dtype))
     return high, low
+
+
+@overload
+def narrowed(scale: Array, low: Array, dtype: Any) -> tuple[Array, Array]: ...
+
+
+@overload
+def narrowed(scale: Array, low: None, dtype: Any) -> tuple[Array, Array | None]: ...
 
 
 def narrowed(scale: Array, low: Array | None, dtype: Any) -> tuple[Array, Array | None]:

@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import optax
+from jax import lax
 
 from optaxclip import _norms, _scaling, _spec, _state
 from optaxclip._clipper import round_down
