@@ -70,6 +70,14 @@ class StepContender:
     group: str  # "reference", "fixed", "adaptive", "guard", "preset", "wrapper", "update"
 
 
+# Registry kinds the train step cannot run, with the reason reported in its table.
+SKIPPED_KINDS = {
+    "wrapper": ("runtime checks (checkify) need chex.chexify around the jitted step; "
+                "opt-in debugging, not a training configuration"),
+    "per_example": ("per-example clipper: needs per-example gradients, not the batch "
+                    "gradient of this step (benchmarks/per_example.py)"),
+}
+
 FIXED = frozenset({"clip_by_value", "clip_by_norm", "clip_by_global_norm", "clip_by_block_rms",
                    "clip_by_rms"})
 
@@ -102,18 +110,13 @@ def step_contenders(
     skipped: dict[str, str] = {}
     inner = lambda: optax.chain(optaxclip.clip_by_global_norm(threshold), optimizer())
     for name, info in optaxclip_factories().items():
-        if info.kind == "wrapper":
-            skipped[name] = ("runtime checks (checkify) need chex.chexify around the jitted "
-                             "step; opt-in debugging, not a training configuration")
+        if info.kind in SKIPPED_KINDS:
+            skipped[name] = SKIPPED_KINDS[info.kind]
             continue
         if info.kind == "guard":
             # Guards with their defaults (the library's, not the quick-test ones).
             make = lambda info=info: info.factory(inner())
             label, group = f"{name}(chain(clip_by_global_norm, adam))", info.kind
-        elif info.kind == "per_example":
-            skipped[name] = ("per-example clipper: needs per-example gradients, not the "
-                             "batch gradient of this step (benchmarks/per_example.py)")
-            continue
         elif info.kind == "moment_clipper":
             # It wraps the optimizer (it reads Adam's second moment): SPAM's defaults.
             make = lambda info=info: info.factory(optimizer())

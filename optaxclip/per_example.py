@@ -206,8 +206,8 @@ def _split_sum(x: Array, high: Array, low: Array) -> Array:
     # Examples whose scale is below the normal range (high * low, low = 2^-k, see
     # split_tiny) are summed apart with weights high / 2^m, 2^m >= B, then times
     # 2^m low: high |x_b| is below |x_b| (below the dtype's largest), so the B
-    # products sum without overflow and the weights stay normal.
-    high, low = high.astype(_real(x)), low.astype(_real(x))
+    # products sum without overflow and the weights stay normal. ``high`` and ``low``
+    # are already in x's real precision (_weighted_sums narrows them).
     tiny = low != 1
     spread = 2.0 ** max(math.ceil(math.log2(max(x.shape[0], 1))), 0)
     usual = _contract(jnp.where(tiny, 0, high), x)
