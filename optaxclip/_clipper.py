@@ -178,6 +178,8 @@ def make_clipper(
                 f"{spec.name} needs the parameters: its threshold depends on them. "
                 f"Call tx.update(grads, state, params)."
             )
+        if rule.needs_params:
+            _check_params_match(spec.name, updates, params)
         # Restored checkpoints hold numpy arrays; everything below wants jax arrays.
         state = jax.tree.map(jnp.asarray, state)
         if spec.scope == "element" and spec.role != "monitor" and not rule.uses_norm:
@@ -200,6 +202,30 @@ def make_clipper(
         return out, _keep_dtypes(new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, _spec.attach(update_fn, spec))
+
+
+def _check_params_match(name: str, updates: Any, params: Any) -> None:
+    """Raise a ValueError naming ``params`` when it is not shaped like the gradients."""
+    grad_leaves, treedef = jax.tree.flatten(updates)
+    try:
+        param_leaves = treedef.flatten_up_to(params)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"{name}: params must have the same tree structure as the gradients; "
+            f"gradients are {treedef}, params are {jax.tree.structure(params)} ({error}). "
+            f"Pass the parameters the gradients were taken of."
+        ) from None
+    for path, g, p in zip(_leaf_paths(updates), grad_leaves, param_leaves):
+        g_shape, p_shape = getattr(g, "shape", None), getattr(p, "shape", None)
+        if is_float_leaf(g) and p_shape is not None and tuple(p_shape) != tuple(g_shape):
+            raise ValueError(
+                f"{name}: params{path} has shape {tuple(p_shape)} but its gradient has "
+                f"shape {tuple(g_shape)}. Pass the parameters the gradients were taken of."
+            )
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _check_fields(spec: ClipSpec, rule: ThresholdRule, fields: Any) -> None:

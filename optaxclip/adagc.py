@@ -161,7 +161,14 @@ def adagc(
     def threshold(norm: Any, state: AdaGCState, params: Any, parts: list) -> tuple[Any, dict]:
         del params
         leaves, treedef = jax.tree.flatten(norm)
-        gammas = treedef.flatten_up_to(state.gamma)
+        try:
+            gammas = treedef.flatten_up_to(state.gamma)
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"adagc: state.gamma does not match the gradients' tree ({error}). The state "
+                f"was made for another model (a checkpoint restored into a different tree?); "
+                f"build it with tx.init(params) of this model."
+            ) from None
         # Only the float leaves' norms: a non-float leaf's placeholder is a constant
         # 0, and XLA reassociates the rescue's (0 * 2^640)^2 into 0 * (2^640)^2 =
         # NaN under jit (float64 trees with an integer leaf: eager 0, jit NaN).

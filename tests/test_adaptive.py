@@ -407,6 +407,27 @@ def test_agc_requires_params_and_checks_axis():
         oc.adaptive_grad_clip(0.01, axis="out")
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_agc_names_params_that_do_not_match_the_gradients(jit):
+    tx = oc.adaptive_grad_clip(0.01)
+    grads = agc_grads(0, 1.0)
+    update = jax.jit(tx.update) if jit else tx.update
+    state = tx.init(AGC_PARAMS)
+    missing = {k: v for k, v in AGC_PARAMS.items() if k != "kernel"}
+    with pytest.raises(ValueError, match=r"params must have the same tree structure"):
+        update(grads, state, missing)
+    transposed = dict(AGC_PARAMS, kernel=AGC_PARAMS["kernel"].T)
+    with pytest.raises(ValueError, match=r"params\['kernel'\] has shape \(3, 4\) but its gradient"):
+        update(grads, state, transposed)
+
+
+def test_adagc_names_a_state_made_for_another_tree():
+    tx = oc.adagc()
+    grads = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
+    with pytest.raises(ValueError, match=r"adagc: state.gamma does not match.*tx.init"):
+        tx.update(grads, tx.init({"w": grads["w"]}))
+
+
 def test_agc_threshold_zero_and_inf_even_for_zero_weights():
     params = {"w": jnp.zeros((2, 3))}
     grads = {"w": jnp.arange(6.0).reshape(2, 3)}
