@@ -440,7 +440,8 @@ def _clip(spec: ClipSpec, updates: Any, norm: Any, parts: Any,
     if spec.scope == "element":
         return _clip_entries(spec, updates, norm, threshold)
     if spec.scope == "global":
-        scale, low = _scale(spec, norm, parts, threshold)
+        shared = sum(is_float_leaf(g) for g in jax.tree.leaves(updates)) >= _SHARED_FROM
+        scale, low = _scale(spec, norm, parts, threshold, shared=shared)
         out = jax.tree.map(lambda g: _scaling.apply_scale(g, scale, low), updates)
         return out, ClipStats(norm=norm, threshold=threshold, scale=scale * low)
     leaves, treedef = jax.tree.flatten(updates)
@@ -462,8 +463,14 @@ def _clip(spec: ClipSpec, updates: Any, norm: Any, parts: Any,
     )
 
 
+# From this many float leaves the global scale is computed behind a conditional
+# (see _scale). Below it the copies are cheap to compile, and a GPU would pay for
+# the conditional's predicate read on every step.
+_SHARED_FROM = 32
+
+
 def _scale(spec: ClipSpec, norm: Array, parts: tuple[Array, Array],
-           threshold: Any) -> tuple[Array, Array]:
+           threshold: Any, *, shared: bool = False) -> tuple[Array, Array]:
     """``min(1, threshold / (norm + eps))`` with the library's edge cases, as the
     pair ``(scale, low)`` of ``_scaling.split_tiny``: their product is the scale.
 
@@ -473,19 +480,37 @@ def _scale(spec: ClipSpec, norm: Array, parts: tuple[Array, Array],
     still gives finite output inside the ball. No extra pass is needed. A scale
     below the normal range (threshold 1, norm 1e38) is kept as a normal number
     times a power of two, so finite entries are scaled, not flushed to zero.
+
+    ``shared``: the scale is applied to many leaves (``_SHARED_FROM``). Then the
+    overflowed norm's case is a ``lax.cond`` rather than a select. The values are
+    bit for bit the same; what changes is that the conditional's outputs are
+    computed once. Without it XLA copies the scalar edge-case logic (about 40
+    instructions) into every leaf's scaling kernel. At 2,000 leaves that made the
+    optimized HLO 2.6x larger and the compile about 25% slower.
     """
     threshold = jnp.asarray(threshold)
-    scale, _ = _scaling.scale_factor(
-        norm, threshold, spec.eps, strict_nonfinite=spec.strict_nonfinite
-    )
-    t = threshold.astype(scale.dtype)
-    scale, low = _scaling.split_tiny(scale, t, norm.astype(scale.dtype) + spec.eps)
+
+    def plain() -> tuple[Array, Array]:
+        scale, _ = _scaling.scale_factor(
+            norm, threshold, spec.eps, strict_nonfinite=spec.strict_nonfinite
+        )
+        t = threshold.astype(scale.dtype)
+        return _scaling.split_tiny(scale, t, norm.astype(scale.dtype) + spec.eps)
+
     if spec.ord == math.inf:
-        return scale, low  # a max never overflows before its largest entry does
+        return plain()  # a max never overflows before its largest entry does
     root, multiplier = parts
     wide = jnp.promote_types(threshold.dtype, root.dtype)
-    return _scaling.rescale_overflowed(scale, low, jnp.isposinf(norm), threshold.astype(wide),
-                                       multiplier.astype(wide), root.astype(wide))
+
+    def rescued() -> tuple[Array, Array]:
+        scale, low = plain()
+        return _scaling.rescale_overflowed(scale, low, jnp.isposinf(norm),
+                                           threshold.astype(wide), multiplier.astype(wide),
+                                           root.astype(wide))
+
+    if not shared:
+        return rescued()
+    return lax.cond(jnp.isposinf(norm), rescued, plain)
 
 
 def _clip_entries(spec: ClipSpec, updates: Any, norm: Array | None, threshold: Array):

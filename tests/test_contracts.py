@@ -5,8 +5,9 @@ complex64, mixed trees, f64 under x64, f64 next to narrower leaves under x64),
 thresholds (0, the smallest normal, tiny, 1, huge, each dtype's max and above,
 inf; static, traced through ``inject_hyperparams`` and scheduled), gradient
 scales (0, subnormal, tiny, 1, large, near each dtype's max, a norm beyond it;
-one NaN/+inf/-inf entry), structures (one bare leaf, many leaves, the empty
-tree, scalar and zero-size leaves, ``None`` / ``MaskedNode`` / integer leaves),
+one NaN/+inf/-inf entry), structures (one bare leaf, many leaves, 36 leaves,
+the empty tree, scalar and zero-size leaves, ``None`` / ``MaskedNode`` /
+integer leaves),
 execution (eager, jit, vmap, donated state, state restored as numpy arrays) and
 history (fresh, after warmup, after a huge but finite norm). Each case is
 checked against float64 numpy references by ``optaxclip.testing`` (see its
@@ -35,6 +36,7 @@ from jax.experimental import checkify
 
 import optaxclip as oc
 import optaxclip.testing as contracts
+from optaxclip import _clipper
 
 FACTORIES = oc.registered_factories()
 CLIPPERS = sorted(name for name, info in FACTORIES.items() if info.kind == "clipper")
@@ -45,7 +47,8 @@ GUARDS = sorted(name for name, info in FACTORIES.items() if info.kind == "guard"
 DTYPES = ("float16", "bfloat16", "float32", "complex64", "mixed", "float64", "mixed64")
 SCALES = ("zero", "subnormal", "tiny", "one", "large", "near_max", "norm_overflows")
 NONFINITE = (None, "nan", "inf", "-inf")
-STRUCTURES = ("one_leaf", "many_leaves", "empty", "scalar_and_zero_size", "special_leaves")
+STRUCTURES = ("one_leaf", "many_leaves", "wide", "empty", "scalar_and_zero_size",
+              "special_leaves")
 THRESHOLDS = ("zero", "smallest_normal", "tiny", "one", "huge", "dtype_max", "above_dtype_max",
               "float32_max", "inf")
 FORMS = ("static", "traced", "schedule")
@@ -93,6 +96,8 @@ SHAPES = {
     "empty": {},
     "scalar_and_zero_size": {"s": (), "z": (0,), "zz": (2, 0)},
     "special_leaves": {"w": (3, 2), "n": None, "m": "masked", "i": "int"},
+    # Enough float leaves for the global scale's shared form (_clipper._SHARED_FROM).
+    "wide": {f"l{i:02d}": ((2, 3), (5,), ())[i % 3] for i in range(_clipper._SHARED_FROM + 4)},
 }
 
 

@@ -450,8 +450,8 @@ def test_checked_and_the_harness_catch_a_scale_flushed_to_zero(monkeypatch):
 
     scale = _clipper._scale
 
-    def flushed(*args):  # what the clippers did before: the product, flushed
-        high, low = scale(*args)
+    def flushed(*args, **kwargs):  # what the clippers did before: the product, flushed
+        high, low = scale(*args, **kwargs)
         return high * low, jnp.ones_like(low)
 
     monkeypatch.setattr(_clipper, "_scale", flushed)
