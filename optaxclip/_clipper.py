@@ -216,11 +216,13 @@ def _check_params_match(name: str, updates: Any, params: Any) -> None:
             f"Pass the parameters the gradients were taken of."
         ) from None
     for path, g, p in zip(_leaf_paths(updates), grad_leaves, param_leaves):
-        g_shape, p_shape = getattr(g, "shape", None), getattr(p, "shape", None)
-        if is_float_leaf(g) and p_shape is not None and tuple(p_shape) != tuple(g_shape):
+        if not is_float_leaf(g) or not hasattr(p, "shape"):
+            continue
+        g_shape, p_shape = tuple(jnp.shape(g)), tuple(p.shape)
+        if p_shape != g_shape:
             raise ValueError(
-                f"{name}: params{path} has shape {tuple(p_shape)} but its gradient has "
-                f"shape {tuple(g_shape)}. Pass the parameters the gradients were taken of."
+                f"{name}: params{path} has shape {p_shape} but its gradient has "
+                f"shape {g_shape}. Pass the parameters the gradients were taken of."
             )
 
 
