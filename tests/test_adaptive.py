@@ -568,10 +568,16 @@ def test_spike_study_runs_at_tiny_size():
     # Clipping tames the injected spikes that plain Adam suffers from.
     for name in ("autoclip(10)", "zclip(max_norm=None)", "adagc()"):
         assert results[name]["worst_excursion"] < results["no clipping"]["worst_excursion"]
+    # Part 3: every method trains the tiny transformer on the Markov text to finite
+    # losses, none diverges, and each ends below a uniform guess's loss plus one.
+    text = module.markov_text(500)
+    assert text.min() >= 0 and text.max() < module.LM_VOCAB
     language_model = results["language_model"]
     assert {"no clipping", "spam(adam)", "clip_update_rms(1.0)"} <= set(language_model)
-    for row in language_model.values():
-        assert math.isfinite(row["median_final_loss"]) and row["worst_grad_spike"] > 0
+    for name, row in language_model.items():
+        assert math.isfinite(row["median_final_loss"]) and row["worst_grad_spike"] > 0, name
+        assert math.isfinite(row["worst_excursion"]) and row["diverged"] == 0, name
+        assert row["median_final_loss"] < math.log(module.LM_VOCAB) + 1, name
     exploding = results["exploding"]
     assert exploding["no clipping"]["diverged"]
     assert not exploding["zclip() (max_norm=1.0)"]["diverged"]

@@ -304,11 +304,11 @@ def test_the_global_scale_is_computed_once_not_copied_into_every_leaf():
     assert per_leaf < 30, per_leaf
 
 
-def _wide_tree(scale: float, seed: int, nonfinite: float | None) -> list:
+def _mixed_tree(scale: float, seed: int, nonfinite: float | None) -> list:
     rng = np.random.default_rng(seed)
     dtypes = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float32)
     leaves = []
-    for i in range(40):
+    for i in range(8):
         dtype = dtypes[i % 4]
         magnitude = min(scale, float(jnp.finfo(dtype).max) / 2)
         leaves.append(jnp.asarray(rng.uniform(-1, 1, size=(3, 2)) * magnitude, dtype))
@@ -331,10 +331,12 @@ def test_the_shared_global_scale_gives_the_same_bits_as_the_per_leaf_form(monkey
     """The conditional form of the global scale (``_clipper._SHARED_FROM`` float leaves
     or more) against the select form, for every global-scope clipper: output and state
     bit for bit over two steps, for zero, tiny, ordinary and huge entries (3e38: a norm
-    beyond float32's range), with and without a NaN or inf entry."""
+    beyond float32's range), with and without a NaN or inf entry. The two forms are
+    chosen by patching ``_SHARED_FROM`` (2, and more leaves than the tree has), so an
+    8-leaf tree takes either."""
     from optaxclip import _clipper
 
-    trees = [_wide_tree(scale, seed, nonfinite)
+    trees = [_mixed_tree(scale, seed, nonfinite)
              for seed, scale in enumerate([0.0, 1e-30, 1.0, 1e30, 3e38])
              for nonfinite in (None, np.nan, np.inf)]
     factories = oc.registered_factories()
