@@ -192,10 +192,18 @@ def plot(results: dict, path: str) -> None:
               ("size", "ms", "step time (ms)"), ("size", "compile_s", "compile time (s)")]
     for ax, (sweep, key, ylabel) in zip(axes.T.ravel(), panels):
         rows = growth_rows(results[sweep])
-        xs = [r["x"] for r in rows]
+        plotted = False
         for who, style in (("optaxclip", "o-"), ("optax", "s--")):
-            ys = [r[f"{who}_{key}"] for r in rows]
-            ax.plot(xs, ys, style, label=who)
+            # Points not measured (NaN: --optaxclip-only, or optax not run) are left out.
+            points = [(r["x"], r[f"{who}_{key}"]) for r in rows if r[f"{who}_{key}"] > 0]
+            if points:
+                ax.plot(*zip(*points), style, label=who)
+                plotted = True
+        if not plotted:  # e.g. --no-size-sweep: nothing to draw on a log scale
+            ax.text(0.5, 0.5, f"{sweep} sweep not run", ha="center", va="center",
+                    transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
         raised = [(int(x), p["times"][RAISED]["median_ms"] if key == "ms"
                    else p["compile_s"][RAISED])
                   for x, p in results[sweep].items() if RAISED in p["times"]]

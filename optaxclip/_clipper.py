@@ -215,11 +215,12 @@ def _check_params_match(name: str, updates: Any, params: Any) -> None:
             f"gradients are {treedef}, params are {jax.tree.structure(params)} ({error}). "
             f"Pass the parameters the gradients were taken of."
         ) from None
-    for path, g, p in zip(_leaf_paths(updates), grad_leaves, param_leaves):
+    for i, (g, p) in enumerate(zip(grad_leaves, param_leaves)):
         if not is_float_leaf(g) or not hasattr(p, "shape"):
             continue
         g_shape, p_shape = tuple(jnp.shape(g)), tuple(p.shape)
         if p_shape != g_shape:
+            path = _leaf_paths(updates)[i]  # only for the message
             raise ValueError(
                 f"{name}: params{path} has shape {p_shape} but its gradient has "
                 f"shape {g_shape}. Pass the parameters the gradients were taken of."

@@ -373,13 +373,16 @@ def _unscaled(scaled_power_sum: Array, factor: Array, p: float) -> Array:
 # millisecond to compile. For the global and per-example norms (one result for
 # the whole tree) leaves are therefore joined, raveled and concatenated, and
 # reduced together: leaves under _PACK_BELOW entries (8 KiB of float32), at most
-# _PACK_LEAVES per chunk and at most _PACK_TOTAL entries (4 MiB) per dtype. On
-# XLA:CPU the join is a copy (its reduction kernels read materialised buffers
-# only) and XLA keeps every chunk's buffer, so packing pays only where a leaf's
-# own kernel would be launch-bound, and the total cap bounds the temporaries it
-# adds whatever the tree. A fused concatenation (GPU) looks up each entry's
-# source per entry, a cost that grows with the leaves in a chunk: hence the
-# chunks. The rescue branch joins the same way.
+# _PACK_LEAVES per chunk. On XLA:CPU the join is a copy (its reduction kernels
+# read materialised buffers only), so packing pays only where a leaf's own
+# kernel would be launch-bound. The first _PACK_TOTAL entries (4 MiB) of a dtype
+# go to free chunks, which XLA may fill all at once; the chunks after them are
+# chained, each joined only once the one before is reduced (see
+# _reduced_packed). The leaves past the cap used to be reduced one by one, and
+# thousands of separate reductions compile in superlinear time: 20,000 leaves
+# of 8x8 took over 14 minutes, chained 5. A fused concatenation (GPU)
+# looks up each entry's source per entry, a cost that grows with the leaves in
+# a chunk: hence the chunks. The rescue branch joins the same way.
 #
 # The joins happen where the sums are taken, never on the cond's operands (an
 # operand would be materialised on every step). Per-leaf and unit-wise norms
@@ -401,28 +404,38 @@ def _unsharded(x: Array) -> bool:
     return spec is None or all(axis is None for axis in spec)
 
 
-def _layout(xs: Sequence[Array], key: Callable[[int], Any]) -> list[list[int]]:
-    """Indices of ``xs`` reduced together: one chunk per list, alone or joined.
+def _layout(
+    xs: Sequence[Array], key: Callable[[int], Any]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Indices of ``xs`` reduced together, as ``(free, chained)`` lists of chunks.
 
     Arrays under ``_PACK_BELOW`` entries with equal ``key(index)`` fill chunks of
-    at most ``_PACK_LEAVES`` in order, until ``_PACK_TOTAL`` entries of that key
-    are packed; the others are alone.
+    at most ``_PACK_LEAVES`` in order. While fewer than ``_PACK_TOTAL`` entries of
+    a key are packed, its chunks are free: XLA may join them all at once. Past
+    that, its chunks are chained: each is joined only after the previous chunk of
+    its key is reduced, so they need not be live together. The other arrays are
+    alone (free).
     """
-    groups: dict[Any, list[int]] = {}
+    packed: dict[Any, list[int]] = {}
+    queued: dict[Any, list[int]] = {}
     packed_entries: dict[Any, int] = {}
-    layout: list[list[int]] = []
+    free: list[list[int]] = []
     for i, x in enumerate(xs):
+        if not (0 < x.size < _PACK_BELOW and _unsharded(x)):
+            free.append([i])
+            continue
         k = key(i)
-        if 0 < x.size < _PACK_BELOW and _unsharded(x) and (
-            packed_entries.get(k, 0) + x.size <= _PACK_TOTAL
-        ):
-            groups.setdefault(k, []).append(i)
+        if packed_entries.get(k, 0) + x.size <= _PACK_TOTAL:
+            packed.setdefault(k, []).append(i)
             packed_entries[k] = packed_entries.get(k, 0) + x.size
         else:
-            layout.append([i])
-    for indices in groups.values():
-        layout += [indices[i:i + _PACK_LEAVES] for i in range(0, len(indices), _PACK_LEAVES)]
-    return layout
+            queued.setdefault(k, []).append(i)
+
+    def chunks(groups: dict[Any, list[int]]) -> list[list[int]]:
+        return [ix[i:i + _PACK_LEAVES] for ix in groups.values()
+                for i in range(0, len(ix), _PACK_LEAVES)]
+
+    return free + chunks(packed), chunks(queued)
 
 
 def _pack_key(x: Array) -> Any:
@@ -434,13 +447,42 @@ def _pack_key(x: Array) -> Any:
     return x.dtype, _varying(x)
 
 
-def _packed(leaves: Sequence[Array]) -> list[Array]:
-    """The leaves joined for one global reduction: raveled and concatenated per chunk."""
-    layout = _layout(leaves, lambda i: _pack_key(leaves[i]))
-    return [
-        leaves[c[0]] if len(c) == 1 else jnp.concatenate([jnp.ravel(leaves[i]) for i in c])
-        for c in layout
-    ]
+def _joined(xs: Sequence[Array]) -> Array:
+    """One global chunk: the arrays raveled and concatenated."""
+    return jnp.concatenate([jnp.ravel(x) for x in xs])
+
+
+def _joined_rows(xs: Sequence[Array]) -> Array:
+    """One per-example chunk: ``[B, ...]`` arrays joined as ``[B, n]`` rows."""
+    return jnp.concatenate([x.reshape(x.shape[0], -1) for x in xs], axis=1)
+
+
+def _reduced_packed(
+    leaves: Sequence[Array], reduce: Callable[[Array], Any], join: Callable = _joined
+) -> list[Any]:
+    """``reduce`` of every chunk of ``leaves`` (see ``_layout``), one result per chunk.
+
+    A chained chunk is joined behind an optimization barrier with the previous
+    result of its key (see ``_pack_key``), so no schedule has to hold the joins of
+    all chained chunks at once. XLA:CPU's buffer plan does not show that bound
+    (its temporaries measured the same within the chained leaves' size either way:
+    benchmarks/RESULTS.md, sections 3 and 6); what the chunks buy there is compile
+    time. Under ``jax.vmap``, ``jax.grad`` and ``shard_map`` the barrier only
+    orders; it changes no value.
+    """
+    free, chained = _layout(leaves, lambda i: _pack_key(leaves[i]))
+    results = []
+    # The barrier pairs chunks of one key: under shard_map its outputs vary along
+    # every axis any operand varies along, so a replicated chunk ordered after a
+    # sharded one would be counted once per shard.
+    last: dict[Any, Any] = {}
+    for is_chained, c in [(False, c) for c in free] + [(True, c) for c in chained]:
+        xs, key = [leaves[i] for i in c], _pack_key(leaves[c[0]])
+        if is_chained and key in last:
+            xs, _ = lax.optimization_barrier((xs, last[key]))
+        last[key] = reduce(xs[0] if len(xs) == 1 else join(xs))
+        results.append(last[key])
+    return results
 
 
 # --- Global norm ---------------------------------------------------------------
@@ -512,7 +554,7 @@ def global_norm_parts(
 def _global_sums(leaves: list[Array], p: float) -> list[Array]:
     """One power sum per packed chunk (a list: chunks may vary differently across shards)."""
     acc = _widest(leaves)
-    return [_power_sum(_widened(x, acc), p) for x in _packed(leaves)]
+    return _reduced_packed(leaves, lambda x: _power_sum(_widened(x, acc), p))
 
 
 def _combine_rescued(
@@ -570,14 +612,16 @@ def _global_guarded(p: float, axis_name: AxisName) -> Callable:
     def rescue(total: Array, leaves: list[Array]) -> tuple[Array, Array]:
         acc = _widest(leaves)
         if p > 2:
-            parts = [_rescued_part(x, p, None, acc) for x in _packed(leaves)]
+            parts = _reduced_packed(leaves, lambda x: _rescued_part(x, p, None, acc))
             maxima, sums = (list(column) for column in zip(*parts))
             return _combine_rescued_parts(maxima, sums, p, axis_name)
         # Under jax.vmap the rescue runs for the whole batch: examples whose own
         # total is trusted keep it (factor 1 re-reads them as they are).
         trusted = _trusted(total)
         factor = jnp.where(trusted, 1, _rescue_factor(total)).astype(total.dtype)
-        scaled = [_power_sum(_multiplied(x, factor, acc), p).astype(acc) for x in _packed(leaves)]
+        scaled = _reduced_packed(
+            leaves, lambda x: _power_sum(_multiplied(x, factor, acc), p).astype(acc)
+        )
         root, multiplier = _unscaled_parts(_psum_total(scaled, axis_name), factor, p)
         return jnp.where(trusted, _root(total, p), root), jnp.where(trusted, 1, multiplier)
 
@@ -662,16 +706,6 @@ def batched_global_norm(
     return _batched_guarded(p, axis_name)(moved)
 
 
-def _batched_parts(leaves: list[Array]) -> list[Array]:
-    """``[B, ...]`` leaves, joined per chunk as ``[B, n]`` rows along axis 1."""
-    layout = _layout(leaves, lambda i: _pack_key(leaves[i]))
-    return [
-        leaves[c[0]] if len(c) == 1
-        else jnp.concatenate([leaves[i].reshape(leaves[i].shape[0], -1) for i in c], axis=1)
-        for c in layout
-    ]
-
-
 def _example_axes(x: Array) -> tuple[int, ...]:
     return tuple(range(1, x.ndim))
 
@@ -679,7 +713,9 @@ def _example_axes(x: Array) -> tuple[int, ...]:
 def _batched_sums(leaves: list[Array], p: float) -> list[Array]:
     """One ``[B]`` power sum per packed chunk."""
     acc = _widest(leaves)
-    return [_power_sum(_widened(x, acc), p, _example_axes(x)) for x in _batched_parts(leaves)]
+    return _reduced_packed(
+        leaves, lambda x: _power_sum(_widened(x, acc), p, _example_axes(x)), _joined_rows
+    )
 
 
 @functools.cache
@@ -693,19 +729,22 @@ def _batched_guarded(p: float, axis_name: AxisName) -> Callable:
 
     def rescue(totals: Array, leaves: list[Array]) -> Array:
         acc = _widest(leaves)
-        parts = _batched_parts(leaves)
         if p > 2:
-            rescued = [_rescued_part(x, p, _example_axes(x), acc) for x in parts]
+            rescued = _reduced_packed(
+                leaves, lambda x: _rescued_part(x, p, _example_axes(x), acc), _joined_rows
+            )
             maxima, sums = (list(column) for column in zip(*rescued))
             return _combine_rescued(maxima, sums, p, axis_name)
         # Examples whose own sum is trusted keep it (factor 1 re-reads them as is).
         trusted = _trusted(totals)
         factor = jnp.where(trusted, 1, _rescue_factor(totals)).astype(totals.dtype)
-        scaled = [
-            _power_sum(_multiplied(x, _per_example(factor, x), acc), p, _example_axes(x))
-            .astype(acc)
-            for x in parts
-        ]
+        scaled = _reduced_packed(
+            leaves,
+            lambda x: _power_sum(
+                _multiplied(x, _per_example(factor, x), acc), p, _example_axes(x)
+            ).astype(acc),
+            _joined_rows,
+        )
         rescued = _unscaled(_psum_total(scaled, axis_name), factor, p)
         return jnp.where(trusted, _root(totals, p), rescued)
 

@@ -123,9 +123,10 @@ def test_train_step_runs_only_the_named_contenders(tmp_path):
 def test_growth_can_leave_out_optax_and_the_size_sweep(tmp_path, capsys):
     from benchmarks import growth
 
-    out = tmp_path / "growth.json"
+    out, png = tmp_path / "growth.json", tmp_path / "growth.png"
     assert growth.main(["--sizes", "tiny", "--leaves", "3", "--no-size-sweep",
-                        "--optaxclip-only", "--json", str(out)]) == 0
+                        "--optaxclip-only", "--json", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG")  # the empty size panels did not fail it
     result = json.loads(out.read_text())
     assert list(result["leaves"]) == ["3"] and result["size"] == {}
     assert set(result["leaves"]["3"]["times"]) == {"optaxclip"}

@@ -36,7 +36,7 @@ from jax.experimental import checkify
 
 import optaxclip as oc
 import optaxclip.testing as contracts
-from optaxclip import _clipper
+from optaxclip import _clipper, _norms
 
 FACTORIES = oc.registered_factories()
 CLIPPERS = sorted(name for name, info in FACTORIES.items() if info.kind == "clipper")
@@ -265,6 +265,32 @@ def _run_clipper_case(name: str, case: dict) -> None:
 @given(case=case_strategy)
 def test_clipper_contracts(name, case):
     _run_clipper_case(name, case)
+
+
+# The clippers whose norm packs small leaves (global scope): with the packing cap at 4
+# entries and chunks of 2 leaves, almost every leaf of every structure is past the cap,
+# in chained chunks, so each contract runs on that path too (a real tree reaches it
+# only past 2^20 entries in small leaves).
+GLOBAL_SCOPE = sorted(
+    name for name in CLIPPERS
+    if getattr(contracts.clipper_spec(FACTORIES[name].build(
+        *[1.0][:bool(FACTORIES[name].threshold)])), "scope", None) == "global")
+
+
+@pytest.mark.parametrize("name", GLOBAL_SCOPE)
+@settings(deadline=None, max_examples=max(settings().max_examples // 3, 1))
+@given(case=case_strategy)
+def test_clipper_contracts_past_the_packing_cap(name, case):
+    # The norms' cond branches are cached functions, and lax.cond caches their traces
+    # by identity: fresh ones before and after keep the small cap's traces to this test.
+    saved = _norms._PACK_TOTAL, _norms._PACK_LEAVES
+    _norms._global_guarded.cache_clear()
+    _norms._PACK_TOTAL, _norms._PACK_LEAVES = 4, 2
+    try:
+        _run_clipper_case(name, case)
+    finally:
+        _norms._PACK_TOTAL, _norms._PACK_LEAVES = saved
+        _norms._global_guarded.cache_clear()
 
 
 @settings(deadline=None)

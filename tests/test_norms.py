@@ -374,6 +374,107 @@ def test_vmapped_norm_under_grad_and_nested_vmap():
                                rtol=1e-6)
 
 
+# --- Packing past the cap: chained chunks ----------------------------------------------
+
+
+@pytest.fixture
+def fresh_norm_branches():
+    """The norms' cond branches are cached functions, and lax.cond caches their traces
+    by identity: fresh ones before and after a test that patches the packing limits
+    keep its traces to itself."""
+    for guarded in (_norms._global_guarded, _norms._batched_guarded):
+        guarded.cache_clear()
+    yield
+    for guarded in (_norms._global_guarded, _norms._batched_guarded):
+        guarded.cache_clear()
+
+
+def test_leaves_past_the_packing_cap_cost_no_more_hlo_than_packed_ones(
+    monkeypatch, fresh_norm_branches
+):
+    """Past ``_PACK_TOTAL`` entries the small leaves are joined in chained chunks, not
+    reduced one by one: each added leaf costs 18 lines of optimized HLO whether it is
+    packed freely or past the cap; reduced one by one, past the cap it cost 63 (20,000
+    leaves of 8x8 did not compile in 14 minutes)."""
+    tx = oc.clip_by_global_norm(1.0)
+    monkeypatch.setattr(_norms, "_PACK_TOTAL", 64)  # one 8x8 leaf: the rest are chained
+    past_cap = (_optimized_lines(tx, 120) - _optimized_lines(tx, 60)) / 60
+    assert past_cap < 30, past_cap
+    free, chained = _norms._layout([jnp.zeros((8, 8))] * 600, lambda i: None)
+    assert [len(c) for c in free] == [1]
+    assert [len(c) for c in chained] == [256, 256, 87]
+
+
+def _small_leaves(seed: int, scale: float) -> list:
+    """100 small leaves of float32 and bfloat16 and one leaf too big to pack (the
+    shapes are the same for every seed, so each function compiles once)."""
+    shapes = np.random.default_rng(0).integers(1, 6, size=100)
+    rng = np.random.default_rng(seed)
+    leaves = [jnp.asarray(rng.normal(size=(int(n), 3)) * scale, (jnp.float32, jnp.bfloat16)[i % 2])
+              for i, n in enumerate(shapes)]
+    return leaves + [jnp.asarray(rng.normal(size=(_norms._PACK_BELOW,)) * scale, jnp.float32)]
+
+
+@pytest.mark.parametrize("ord", ORDERS)
+def test_chained_chunks_match_the_float64_reference(monkeypatch, fresh_norm_branches, ord):
+    """With a cap of 40 entries and chunks of 8 leaves most leaves are past the cap, in
+    chained chunks of both dtypes: the global norm (its fast path, and its rescue for
+    sums that overflow or underflow float32), its gradient, and the per-example norm,
+    eager and under jit and vmap, against float64."""
+    monkeypatch.setattr(_norms, "_PACK_TOTAL", 40)
+    monkeypatch.setattr(_norms, "_PACK_LEAVES", 8)
+    jitted = jax.jit(lambda t: oc.global_norm(t, ord))
+    batched = jax.jit(lambda t: _norms.batched_global_norm(t, ord))
+    vmapped = jax.jit(jax.vmap(lambda t: oc.global_norm(t, ord)))
+    for seed, scale in enumerate([1.0, 3e18, 1e-25]):
+        leaves = _small_leaves(seed, scale)
+        free, chained = _norms._layout(leaves, lambda i, leaves=leaves: _norms._pack_key(leaves[i]))
+        assert len(chained) >= 8 and len(free) >= 3
+        want = np_global_norm([np.asarray(x, np.float64) for x in leaves], ord)
+        np.testing.assert_allclose(float(jitted(leaves)), want, rtol=2e-6)
+        if seed == 0:
+            np.testing.assert_allclose(float(oc.global_norm(leaves, ord)), want, rtol=2e-6)
+        if ord == 2 and scale == 1.0:
+            grad = jax.jit(jax.grad(oc.global_norm))(leaves)
+            for g, x in zip(grad, leaves):
+                np.testing.assert_allclose(np.asarray(g, np.float64),
+                                           np.asarray(x, np.float64) / want, rtol=1e-2)
+        batch = [jnp.stack([x, 2 * x, -x]) for x in leaves[::3]]
+        want_batch = [np_global_norm([np.asarray(x[b], np.float64) for x in batch], ord)
+                      for b in range(3)]
+        np.testing.assert_allclose(np.asarray(batched(batch)), want_batch, rtol=2e-6)
+        np.testing.assert_allclose(np.asarray(vmapped(batch)), want_batch, rtol=2e-6)
+
+
+@pytest.mark.parametrize("ord", [2, 3.0])
+def test_chained_chunks_of_replicated_and_sharded_leaves_under_shard_map(
+    monkeypatch, fresh_norm_branches, ord
+):
+    """Inside ``shard_map`` replicated and sharded leaves are packed apart (their sums
+    are reduced across shards differently), and so are their chained chunks: ordering
+    a replicated chunk after a sharded one made it vary across shards, and it was
+    counted once per shard (a norm of 11.86 for 9.82)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    monkeypatch.setattr(_norms, "_PACK_TOTAL", 4)
+    monkeypatch.setattr(_norms, "_PACK_LEAVES", 2)
+    mesh = jax.make_mesh((4,), ("d",), devices=jax.devices()[:4])
+    rng = np.random.default_rng(3)
+    norm = jax.jit(jax.shard_map(
+        lambda rep, shd: oc.global_norm(rep + shd, ord, axis_name="d"),
+        mesh=mesh, in_specs=(P(), P("d")), out_specs=P()))
+    for scale in (1.0, 3e18, 1e-25):
+        rep = [rng.normal(size=(3,)) * scale for _ in range(7)]
+        shd = [rng.normal(size=(4, 3)) * scale for _ in range(7)]
+        want = np_global_norm(rep + shd, ord)
+        got = norm([jax.device_put(jnp.asarray(x, jnp.float32), NamedSharding(mesh, P()))
+                    for x in rep],
+                   [jax.device_put(jnp.asarray(x, jnp.float32), NamedSharding(mesh, P("d")))
+                    for x in shd])
+        np.testing.assert_allclose(float(got), want, rtol=2e-6)
+
+
 # --- apply_scale: low-precision products rounded toward zero, exactly -----------------
 
 
