@@ -363,6 +363,75 @@ def test_the_shared_global_scale_gives_the_same_bits_as_the_per_leaf_form(monkey
                 np.testing.assert_array_equal(got, want, err_msg=f"{name}({threshold})")
 
 
+def _stacked_tree(scale: float, seed: int, nonfinite: float | None) -> dict:
+    """Leaves with a leading layer axis of 3 (``stacked=True``) and kernels with units."""
+    rng = np.random.default_rng(seed)
+    shapes = {"w": ((3, 4, 2), jnp.float32), "v": ((3, 2, 5), jnp.bfloat16),
+              "b": ((3, 2), jnp.float16), "c": ((3,), jnp.float32)}
+    tree = {}
+    for key, (shape, dtype) in shapes.items():
+        magnitude = min(scale, float(jnp.finfo(dtype).max) / 2)
+        tree[key] = jnp.asarray(rng.uniform(-1, 1, size=shape) * magnitude, dtype)
+    if nonfinite is not None:
+        tree["w"] = tree["w"].at[1, 2, 0].set(nonfinite)
+    return tree
+
+
+@pytest.mark.parametrize("name,stacked", [("adaptive_grad_clip", False),
+                                          ("adaptive_grad_clip", True), ("adagc", True),
+                                          ("clip_by_norm", True), ("clip_by_block_rms", True)])
+def test_unit_scales_behind_one_cond_give_the_same_bits_as_the_select_form(
+    monkeypatch, name, stacked
+):
+    """Per-unit scales (vectors of norms) are computed behind one conditional for the
+    tree, not as selects that XLA fuses into every entry's update. Against the select
+    form (``_clipper._UNIT_SCALES_FROM`` above every leaf's size): output and state bit for bit over
+    two steps, jitted and vmapped (where the predicate is batched), for zero, tiny,
+    ordinary and huge entries (3e38: norms beyond float32's range, some units
+    overflowing and others not), with and without a NaN or inf entry, at thresholds
+    that clip none, some and all units."""
+    from optaxclip import _clipper
+
+    info = oc.registered_factories()[name]
+    trees = [_stacked_tree(scale, seed, nonfinite)
+             for seed, scale in enumerate([0.0, 1e-30, 1.0, 1e30, 3e38])
+             for nonfinite in (None, np.nan, np.inf)]
+    params = _stacked_tree(1.0, 99, None)
+    for threshold in (1e-30, 0.5, math.inf):
+        tx = info.build(threshold, stacked=stacked)
+        results = []
+        for shared_from in (0, 10**9):
+            monkeypatch.setattr(_clipper, "_UNIT_SCALES_FROM", shared_from)
+            update = jax.jit(lambda g, s, tx=tx: tx.update(g, s, params))  # a fresh trace
+            batched = jax.jit(jax.vmap(lambda g, s, tx=tx: tx.update(g, s, params)))
+            bits = []
+            for grads in trees:
+                out, state = update(grads, tx.init(params))
+                out, state = update(grads, state)  # adaptive clippers: with history
+                pair = jax.tree.map(lambda x: jnp.stack([x, x[::-1] if x.ndim else x]),
+                                    (grads, tx.init(params)))
+                vmapped = batched(*pair)
+                bits += [_bits_flushed(x) for x in jax.tree.leaves((out, state, vmapped))]
+            results.append(bits)
+        for got, want in zip(*results):
+            np.testing.assert_array_equal(got, want, err_msg=f"{name}({threshold})")
+
+
+def test_per_unit_scales_are_computed_once_per_unit_not_per_entry():
+    """The update kernel of a kernel-shaped leaf multiplies by a materialised scale: it
+    holds a handful of operations per entry, not the scale's edge-case logic (about 60
+    operations per unit, which XLA fused into the elementwise update when the scales
+    were selects)."""
+    tx = oc.adaptive_grad_clip(0.01)
+    params = {"w": jnp.ones((256, 512))}
+    text = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+    kernels = [block for block in text.split("\n\n") if "f32[256,512]" in block.split("{")[0]
+               and "fused_computation" in block.split("{")[0]]
+    assert kernels, "no elementwise kernel over the leaf"
+    sizes = [block.count(" = ") for block in kernels]
+    assert max(sizes) < 30, sizes
+
+
 def test_vmapped_norm_under_grad_and_nested_vmap():
     x = jnp.arange(24.0).reshape(2, 3, 4)
     nested = jax.jit(jax.vmap(jax.vmap(oc.global_norm)))(x)
