@@ -583,7 +583,9 @@ def _scales_behind_a_cond(spec: ClipSpec, norms: list, parts: list,
     """
     thresholds = [jnp.asarray(t) for t in thresholds]
     overflowed = jnp.any(jnp.stack([jnp.any(jnp.isposinf(n)) for n in norms]))
-    plain, rescued = _scale_branches(spec.eps, spec.strict_nonfinite)
+    # A traced eps (optax.inject_hyperparams) cannot key the cache: fresh branches.
+    branches = _scale_branches.__wrapped__ if _validate.is_traced(spec.eps) else _scale_branches
+    plain, rescued = branches(spec.eps, spec.strict_nonfinite)
     return lax.cond(overflowed, rescued, plain, norms, parts, thresholds)
 
 

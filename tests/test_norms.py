@@ -417,6 +417,32 @@ def test_unit_scales_behind_one_cond_give_the_same_bits_as_the_select_form(
             np.testing.assert_array_equal(got, want, err_msg=f"{name}({threshold})")
 
 
+@pytest.mark.parametrize("name", ["clip_by_global_norm", "adaptive_grad_clip"])
+def test_a_traced_eps_reaches_the_shared_scales(name):
+    """``eps`` injected by ``optax.inject_hyperparams`` (a tracer) on the conditional
+    forms: the global scale of 40 leaves and the per-unit scales of a large kernel.
+    The result equals the static ``eps``'s."""
+    if name == "clip_by_global_norm":
+        grads = {f"l{i:02d}": jnp.full((3,), 10.0 + i) for i in range(40)}
+        params, kwargs, static = None, {"max_norm": 1.0, "eps": 1e-3}, ()
+    else:
+        grads = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(128, 64)) * 10,
+                                  jnp.float32)}
+        params, kwargs = grads, {"clipping": 0.01, "eps": 1e-3}
+        static = ("axis", "stacked", "axis_name")
+    factory = getattr(oc, name)
+    injected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
+    plain = factory(**kwargs)
+    assert isinstance(injected.init(grads).hyperparams["eps"], jax.Array)
+    got, _ = jax.jit(injected.update)(grads, injected.init(grads), params)
+    want, _ = jax.jit(plain.update)(grads, plain.init(grads), params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
+    # The case clips: the output is not the input.
+    assert not np.allclose(np.asarray(jax.tree.leaves(got)[0]),
+                           np.asarray(jax.tree.leaves(grads)[0]))
+
+
 def test_per_unit_scales_are_computed_once_per_unit_not_per_entry():
     """The update kernel of a kernel-shaped leaf multiplies by a materialised scale: it
     holds a handful of operations per entry, not the scale's edge-case logic (about 60
