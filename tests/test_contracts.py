@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jax.experimental import checkify
 
@@ -178,12 +178,13 @@ def _threshold_value(kind: str, tree) -> float:
     }[kind]
 
 
-def build(info, limit: float, form: str):
-    """The factory with its threshold given statically, traced or as a schedule."""
+def build(info, limit: float, form: str, **options):
+    """The factory with its threshold given statically, traced or as a schedule;
+    ``options``: further static arguments (``stacked=True``)."""
     if limit is None or info.threshold is None:
-        return info.build()
+        return info.build(**options)
     if form == "schedule":
-        return info.build(lambda count: jnp.asarray(limit, jnp.float32) + 0 * count)
+        return info.build(lambda count: jnp.asarray(limit, jnp.float32) + 0 * count, **options)
     if form == "traced":
         # Only the threshold is injected; every other argument stays static.
         static = tuple(k for k in inspect.signature(info.factory).parameters
@@ -191,8 +192,8 @@ def build(info, limit: float, form: str):
         injected = optax.inject_hyperparams(
             info.factory, static_args=static, hyperparam_dtype=jnp.float32
         )
-        return injected(**info.test_kwargs, **{info.threshold: limit})
-    return info.build(limit)
+        return injected(**info.test_kwargs, **options, **{info.threshold: limit})
+    return info.build(limit, **options)
 
 
 def _checkified(update):
@@ -245,7 +246,7 @@ def _x64(case):
     return jax.enable_x64(case["dtype"] in ("float64", "mixed64"))
 
 
-def _run_clipper_case(name: str, case: dict) -> None:
+def _run_clipper_case(name: str, case: dict, **options) -> None:
     info = FACTORIES[name]
     with _x64(case), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -253,7 +254,7 @@ def _run_clipper_case(name: str, case: dict) -> None:
                          case["seed"])
         params = weights_like(tree, case["seed"]) if info.needs_params else None
         limit = _threshold_value(case["threshold"], tree)
-        tx = build(info, limit, case["form"])
+        tx = build(info, limit, case["form"], **options)
         state = _history(tx, tree, params, case["history"], case["seed"])
         exact = limit if info.limit_is_threshold and case["form"] == "static" else None
         contracts.assert_clip_contracts(tx, tree, state, params, mode=case["mode"],
@@ -271,10 +272,13 @@ def test_clipper_contracts(name, case):
 # entries and chunks of 2 leaves, almost every leaf of every structure is past the cap,
 # in chained chunks, so each contract runs on that path too (a real tree reaches it
 # only past 2^20 entries in small leaves).
-GLOBAL_SCOPE = sorted(
-    name for name in CLIPPERS
-    if getattr(contracts.clipper_spec(FACTORIES[name].build(
-        *[1.0][:bool(FACTORIES[name].threshold)])), "scope", None) == "global")
+def _scope(name: str) -> str | None:
+    info = FACTORIES[name]
+    return getattr(contracts.clipper_spec(info.build(*[1.0][:bool(info.threshold)])),
+                   "scope", None)
+
+
+GLOBAL_SCOPE = sorted(name for name in CLIPPERS if _scope(name) == "global")
 
 
 @pytest.mark.parametrize("name", GLOBAL_SCOPE)
@@ -291,6 +295,40 @@ def test_clipper_contracts_past_the_packing_cap(name, case):
     finally:
         _norms._PACK_TOTAL, _norms._PACK_LEAVES = saved
         _norms._global_guarded.cache_clear()
+
+
+# The clippers with a norm per unit or per layer: AGC (a kernel's output columns),
+# and every clipper that takes ``stacked`` (a leaf's leading axis). With
+# ``_clipper._UNIT_SCALES_FROM`` at 0, every such leaf's scales come from the
+# tree's one conditional (a real tree takes it from 4,096 entries a leaf; the
+# matrix's leaves are smaller), so each contract runs on that path too. Unstacked,
+# only AGC has a norm per unit.
+UNIT_NORMS = [(name, stacked) for name in CLIPPERS
+              if "stacked" in inspect.signature(FACTORIES[name].factory).parameters
+              for stacked in ((False, True) if _scope(name) == "unit" else (True,))]
+# Always run besides the drawn cases: one that clips after a history, and one whose
+# finite norms overflow float32 (the conditional's rescue branch), vmapped (the
+# batched predicate makes it a select).
+CLIPPING_CASE = {"dtype": "float32", "structure": "many_leaves", "scale": "large",
+                 "nonfinite": None, "threshold": "one", "form": "static", "mode": "jit",
+                 "history": "warm", "seed": 0}
+OVERFLOW_CASE = {**CLIPPING_CASE, "scale": "norm_overflows", "mode": "vmap",
+                 "history": "fresh"}
+
+
+@pytest.mark.parametrize("name,stacked", UNIT_NORMS)
+@settings(deadline=None, max_examples=max(settings().max_examples // 3, 1))
+@given(case=case_strategy)
+@example(case=CLIPPING_CASE)
+@example(case=OVERFLOW_CASE)
+def test_clipper_contracts_with_unit_scales_behind_the_conditional(name, stacked, case):
+    assert _clipper._UNIT_SCALES_FROM > 0  # the real threshold, restored below
+    saved = _clipper._UNIT_SCALES_FROM
+    _clipper._UNIT_SCALES_FROM = 0
+    try:
+        _run_clipper_case(name, case, stacked=stacked)
+    finally:
+        _clipper._UNIT_SCALES_FROM = saved
 
 
 @settings(deadline=None)
