@@ -3,7 +3,8 @@
 Cases are drawn by hypothesis from the product of dtypes (fp16, bf16, f32,
 complex64, mixed trees, f64 under x64, f64 next to narrower leaves under x64),
 thresholds (0, the smallest normal, tiny, 1, huge, each dtype's max and above,
-inf; static, traced through ``inject_hyperparams`` and scheduled), gradient
+inf; static, scheduled, or traced through ``inject_hyperparams`` together with
+every float hyperparameter that accepts a tracer, such as ``eps``), gradient
 scales (0, subnormal, tiny, 1, large, near each dtype's max, a norm beyond it;
 one NaN/+inf/-inf entry), structures (one bare leaf, many leaves, 36 leaves,
 the empty tree, scalar and zero-size leaves, ``None`` / ``MaskedNode`` /
@@ -21,6 +22,7 @@ registered. ``HYPOTHESIS_PROFILE=fuzz`` (``make fuzz``) runs many more cases.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -73,6 +75,18 @@ def test_every_public_transformation_is_registered():
     )
     assert GUARDS == ["skip_nonfinite", "skip_on_spike"]
     assert FACTORIES["clipped"].kind == "preset"
+
+
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_every_float_hyperparameter_is_traced_or_refused_by_name(name):
+    """Under ``optax.inject_hyperparams`` each float hyperparameter either works as a
+    tracer (the traced form of the matrix then injects it) or is refused with a
+    message naming it and ``static_args``; any other error fails here."""
+    info = FACTORIES[name]
+    for key in _float_hyperparameters(info):
+        _refuses_a_tracer(info, key)  # raises on any error but the named refusal
+    if name in ("clip_by_global_norm", "adaptive_grad_clip"):
+        assert "eps" in traceable_floats(name)
 
 
 # ---------------------------------------------------------------- cases
@@ -178,6 +192,34 @@ def _threshold_value(kind: str, tree) -> float:
     }[kind]
 
 
+def _float_hyperparameters(info) -> list[str]:
+    """The arguments besides the threshold whose default is a float (eps, beta, z)."""
+    return [k for k, p in inspect.signature(info.factory).parameters.items()
+            if k != info.threshold and isinstance(p.default, float)]
+
+
+def _refuses_a_tracer(info, name: str) -> bool:
+    """Whether ``name`` traced by ``optax.inject_hyperparams`` is refused with the
+    message that names it and ``static_args``; any other error fails the caller."""
+    static = tuple(k for k in inspect.signature(info.factory).parameters if k != name)
+    limit = {info.threshold: 1.0} if info.threshold else {}
+    tx = optax.inject_hyperparams(info.factory, static_args=static)(**info.test_kwargs, **limit)
+    grads = {"w": jnp.ones((4, 3)), "b": jnp.ones((3,))}
+    try:
+        jax.jit(tx.update)(grads, tx.init(grads), grads)
+    except ValueError as error:
+        if f"{name} must be static" in str(error) and "static_args" in str(error):
+            return True
+        raise
+    return False
+
+
+@functools.cache
+def traceable_floats(name: str) -> tuple[str, ...]:
+    info = FACTORIES[name]
+    return tuple(k for k in _float_hyperparameters(info) if not _refuses_a_tracer(info, k))
+
+
 def build(info, limit: float, form: str, **options):
     """The factory with its threshold given statically, traced or as a schedule;
     ``options``: further static arguments (``stacked=True``)."""
@@ -186,9 +228,11 @@ def build(info, limit: float, form: str, **options):
     if form == "schedule":
         return info.build(lambda count: jnp.asarray(limit, jnp.float32) + 0 * count, **options)
     if form == "traced":
-        # Only the threshold is injected; every other argument stays static.
+        # The threshold and every float hyperparameter that accepts a tracer (eps,
+        # lambda_rel) are injected; the rest stays static.
+        traced = {info.threshold, *traceable_floats(info.name)}
         static = tuple(k for k in inspect.signature(info.factory).parameters
-                       if k != info.threshold)
+                       if k not in traced)
         injected = optax.inject_hyperparams(
             info.factory, static_args=static, hyperparam_dtype=jnp.float32
         )
@@ -261,9 +305,17 @@ def _run_clipper_case(name: str, case: dict, **options) -> None:
                                         limit=exact)
 
 
+# Always run besides the drawn cases: every injectable hyperparameter traced, on
+# the tree wide enough for the global scale's shared form.
+TRACED_WIDE_CASE = {"dtype": "float32", "structure": "wide", "scale": "large",
+                    "nonfinite": None, "threshold": "one", "form": "traced", "mode": "jit",
+                    "history": "warm", "seed": 0}
+
+
 @pytest.mark.parametrize("name", CLIPPERS)
 @settings(deadline=None)
 @given(case=case_strategy)
+@example(case=TRACED_WIDE_CASE)
 def test_clipper_contracts(name, case):
     _run_clipper_case(name, case)
 
