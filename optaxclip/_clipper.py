@@ -578,8 +578,9 @@ def _scales_behind_a_cond(spec: ClipSpec, norms: list, parts: list,
     point: XLA fuses a select form's edge-case logic into every consumer, and for
     per-unit scales (a vector broadcast over a kernel's rows) that consumer is the
     elementwise update itself, so the logic (about 60 operations per unit) ran once
-    per *entry*: AGC's MLP step took 1.7x optax's. Under ``jax.vmap`` a batched
-    predicate turns the conditional into a select of both branches.
+    per *entry*: given the gradients, AGC's update in the MLP benchmark took 4.4 ms
+    against optax's 2.5 ms (2.2-2.5 ms with the conditional). Under ``jax.vmap`` a
+    batched predicate turns the conditional into a select of both branches.
     """
     thresholds = [jnp.asarray(t) for t in thresholds]
     overflowed = jnp.any(jnp.stack([jnp.any(jnp.isposinf(n)) for n in norms]))
