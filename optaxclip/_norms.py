@@ -808,10 +808,11 @@ def _normal_axes(a: Any, ndim: int) -> tuple[int, ...] | None:
 def _unit_guarded(p: float, axis_name: AxisName, axes: tuple[Any, ...]) -> Callable:
     # Per-array results stay per array: joining arrays would hand each consumer a
     # slice of one shared vector, which XLA compiles in time quadratic in their
-    # number (30 s for 500 slices on CPU). For p <= 2 the rescue re-reads each
+    # number (30 s for 500 slices on CPU). For p <= 2 the rescue re-reads an
     # array once, scaled by a power of two chosen from its own fast sum; for p > 2
-    # it divides each unit by its own maximum (two reads). No divisor is shared
-    # between arrays either (see _combine_rescued).
+    # it divides each unit by its own maximum (two reads). The arrays of
+    # _RESCUE_EACH_FROM entries or more are re-read only when one of their own sums
+    # is untrusted. No divisor is shared between arrays either (see _combine_rescued).
     def fast(xs: list[Array]) -> list[Array]:
         return [_psum(_power_sum(x, p, a), axis_name) for x, a in zip(xs, axes)]
 
@@ -819,35 +820,54 @@ def _unit_guarded(p: float, axis_name: AxisName, axes: tuple[Any, ...]) -> Calla
         del xs
         return [(_root(s, p), jnp.ones_like(s)) for s in sums]
 
-    def rescue_by_power_of_two(
-        sums: list[Array], xs: list[Array]
-    ) -> list[tuple[Array, Array]]:
-        out = []
-        for s, x, a in zip(sums, xs, axes):
-            acc = accumulation_dtype(x.dtype)
-            trusted = _trusted(s)
-            factor = jnp.where(trusted, 1, _rescue_factor(s)).astype(acc)
-            spread = factor if a is None else jnp.expand_dims(factor, a)
-            scaled = _psum(_power_sum(_multiplied(x, spread, acc), p, a), axis_name)
-            root, multiplier = _unscaled_parts(scaled, factor, p)
-            out.append((jnp.where(trusted, _root(s, p), root), jnp.where(trusted, 1, multiplier)))
+    def by_power_of_two(s: Array, x: Array, a: Any) -> tuple[Array, Array]:
+        acc = accumulation_dtype(x.dtype)
+        trusted = _trusted(s)
+        factor = jnp.where(trusted, 1, _rescue_factor(s)).astype(acc)
+        spread = factor if a is None else jnp.expand_dims(factor, a)
+        scaled = _psum(_power_sum(_multiplied(x, spread, acc), p, a), axis_name)
+        root, multiplier = _unscaled_parts(scaled, factor, p)
+        return jnp.where(trusted, _root(s, p), root), jnp.where(trusted, 1, multiplier)
+
+    def by_maximum(s: Array, x: Array, a: Any) -> tuple[Array, Array]:
+        del s
+        acc = accumulation_dtype(x.dtype)
+        largest = _pmax(_max_magnitude(x, a).astype(acc), axis_name)
+        divisor = _safe_divisor(largest)
+        if a is not None:
+            divisor = jnp.expand_dims(divisor, a)
+        scaled = _psum(_power_sum(_divided(x, divisor, acc), p, a), axis_name)
+        return _scaled_parts(largest, scaled, p)
+
+    one = by_maximum if p > 2 else by_power_of_two
+
+    def rescue(sums: list[Array], xs: list[Array]) -> list[tuple[Array, Array]]:
+        # One untrusted sum sends every array here, and a common one sits in a small
+        # array (an attention key bias, whose gradient is about 1e-10): the large
+        # arrays, when all their sums are trusted, keep them, behind one conditional
+        # of their own, rather than being read again.
+        large = [i for i, x in enumerate(xs) if x.size >= _RESCUE_EACH_FROM]
+        out = [None if i in large else one(s, x, a)
+               for i, (s, x, a) in enumerate(zip(sums, xs, axes))]
+        if large:
+            large_axes = [axes[i] for i in large]
+
+            def again(sums: list[Array], xs: list[Array]) -> list[tuple[Array, Array]]:
+                return [one(s, x, a) for s, x, a in zip(sums, xs, large_axes)]
+
+            large_sums = [sums[i] for i in large]
+            kept = lax.cond(_all_trusted(lax.stop_gradient(large_sums)), finish, again,
+                            large_sums, [xs[i] for i in large])
+            for i, pair in zip(large, kept):
+                out[i] = pair
         return out
 
-    def rescue_by_maximum(sums: list[Array], xs: list[Array]) -> list[tuple[Array, Array]]:
-        del sums
-        out = []
-        for x, a in zip(xs, axes):
-            acc = accumulation_dtype(x.dtype)
-            largest = _pmax(_max_magnitude(x, a).astype(acc), axis_name)
-            divisor = _safe_divisor(largest)
-            if a is not None:
-                divisor = jnp.expand_dims(divisor, a)
-            scaled = _psum(_power_sum(_divided(x, divisor, acc), p, a), axis_name)
-            out.append(_scaled_parts(largest, scaled, p))
-        return out
-
-    rescue = rescue_by_maximum if p > 2 else rescue_by_power_of_two
     return _decide_once(fast, finish, rescue)
+
+
+# In the rescue branch of ``_unit_guarded``, the arrays of this many entries or more
+# are not read again when all their own sums are trusted.
+_RESCUE_EACH_FROM = 2**16
 
 
 def leaf_norms(tree: Any, ord: float = 2, *, axis_name: AxisName = None) -> Any:

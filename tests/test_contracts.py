@@ -349,15 +349,17 @@ def test_clipper_contracts_past_the_packing_cap(name, case):
         _norms._global_guarded.cache_clear()
 
 
-# The clippers with a norm per unit or per layer: AGC (a kernel's output columns),
-# and every clipper that takes ``stacked`` (a leaf's leading axis). With
-# ``_clipper._UNIT_SCALES_FROM`` at 0, every such leaf's scales come from the
-# tree's one conditional (a real tree takes it from 4,096 entries a leaf; the
-# matrix's leaves are smaller), so each contract runs on that path too. Unstacked,
-# only AGC has a norm per unit.
-UNIT_NORMS = [(name, stacked) for name in CLIPPERS
-              if "stacked" in inspect.signature(FACTORIES[name].factory).parameters
-              for stacked in ((False, True) if _scope(name) == "unit" else (True,))]
+# The clippers with a norm per leaf, per unit or per layer, stacked where they can
+# be: AGC (a kernel's output columns), the per-leaf clippers, and with ``stacked``
+# a leaf's leading axis. Two paths a real tree takes only with large leaves run
+# here on every leaf: with ``_clipper._UNIT_SCALES_FROM`` at 0, per-unit scales
+# come from the tree's one conditional (4,096 entries a leaf and up), and with
+# ``_norms._RESCUE_EACH_FROM`` at 0, every array in a norm's rescue is re-read
+# only behind its group's own conditional (2^16 entries and up).
+PER_LEAF = [(name, stacked) for name in CLIPPERS if _scope(name) in ("leaf", "unit")
+            for stacked in ((False, True)
+                            if "stacked" in inspect.signature(FACTORIES[name].factory).parameters
+                            else (False,))]
 # Always run besides the drawn cases: one that clips after a history, and one whose
 # finite norms overflow float32 (the conditional's rescue branch), vmapped (the
 # batched predicate makes it a select).
@@ -368,19 +370,22 @@ OVERFLOW_CASE = {**CLIPPING_CASE, "scale": "norm_overflows", "mode": "vmap",
                  "history": "fresh"}
 
 
-@pytest.mark.parametrize("name,stacked", UNIT_NORMS)
-@settings(deadline=None, max_examples=max(settings().max_examples // 3, 1))
+@pytest.mark.parametrize("name,stacked", PER_LEAF)
+@settings(deadline=None, max_examples=max(settings().max_examples // 4, 1))
 @given(case=case_strategy)
 @example(case=CLIPPING_CASE)
 @example(case=OVERFLOW_CASE)
-def test_clipper_contracts_with_unit_scales_behind_the_conditional(name, stacked, case):
-    assert _clipper._UNIT_SCALES_FROM > 0  # the real threshold, restored below
-    saved = _clipper._UNIT_SCALES_FROM
-    _clipper._UNIT_SCALES_FROM = 0
+def test_clipper_contracts_with_the_large_leaf_paths(name, stacked, case):
+    saved = _clipper._UNIT_SCALES_FROM, _norms._RESCUE_EACH_FROM
+    assert min(saved) > 0  # the real thresholds, restored below
+    # lax.cond caches the norms' branches by identity: fresh ones keep these traces here.
+    _norms._unit_guarded.cache_clear()
+    _clipper._UNIT_SCALES_FROM, _norms._RESCUE_EACH_FROM = 0, 0
     try:
-        _run_clipper_case(name, case, stacked=stacked)
+        _run_clipper_case(name, case, **({"stacked": True} if stacked else {}))
     finally:
-        _clipper._UNIT_SCALES_FROM = saved
+        _clipper._UNIT_SCALES_FROM, _norms._RESCUE_EACH_FROM = saved
+        _norms._unit_guarded.cache_clear()
 
 
 @settings(deadline=None)

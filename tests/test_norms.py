@@ -458,6 +458,49 @@ def test_per_unit_scales_are_computed_once_per_unit_not_per_entry():
     assert max(sizes) < 30, sizes
 
 
+def _unit_norm_case(untrusted_large: bool, seed: int = 0):
+    """Two kernels of 2^17 entries and a small bias whose sums are below the trusted
+    range (an attention key bias, gradient about 1e-12); optionally one column of
+    the second kernel too."""
+    rng = np.random.default_rng(seed)
+    big = rng.normal(size=(256, 512)).astype(np.float32)
+    other = rng.normal(size=(256, 512)).astype(np.float32)
+    if untrusted_large:
+        other[:, 3] = rng.normal(size=256) * 1e-30
+    small = (rng.normal(size=(4, 32)) * 1e-12).astype(np.float32)
+    return [jnp.asarray(big), jnp.asarray(other), jnp.asarray(small)]
+
+
+@pytest.mark.parametrize("ord", [2, 3.0])
+@pytest.mark.parametrize("untrusted_large", [False, True])
+def test_large_arrays_keep_their_trusted_sums_when_a_small_one_is_rescued(
+    ord, untrusted_large
+):
+    """One untrusted unit sum sends every array to the rescue. The large arrays
+    (``_norms._RESCUE_EACH_FROM`` entries or more) are then read again only when
+    one of their own sums is untrusted: in the rescue branch they are used by
+    nothing but a conditional of their own. The norms match float64 numpy eagerly,
+    under jit and under vmap, whichever way that conditional goes."""
+    xs = _unit_norm_case(untrusted_large)
+    assert xs[0].size >= _norms._RESCUE_EACH_FROM > xs[2].size
+    axes = [(0,), (0,), (0,)]
+    norms = lambda xs: _norms.unit_norms(xs, ord, axes=axes)  # noqa: E731
+    want = [np.sum(np.abs(np.asarray(x, np.float64)) ** ord, axis=0) ** (1 / ord) for x in xs]
+    batched = jax.vmap(norms)([jnp.stack([x, -x]) for x in xs])
+    for got in (norms(xs), jax.jit(norms)(xs), [b[1] for b in batched]):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=2e-6)
+
+    jaxpr = jax.make_jaxpr(norms)(xs).jaxpr
+    (outer,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+    large = [outer.invars.index(v) - 1 for v in jaxpr.invars[:2]]  # operand positions
+    for branch in outer.params["branches"]:
+        body = branch.jaxpr
+        users = [e.primitive.name for e in body.eqns
+                 if any(body.invars[i] in e.invars for i in large)]
+        assert set(users) <= {"cond"}, users  # read only behind their own conditional
+
+
 def test_vmapped_norm_under_grad_and_nested_vmap():
     x = jnp.arange(24.0).reshape(2, 3, 4)
     nested = jax.jit(jax.vmap(jax.vmap(oc.global_norm)))(x)
