@@ -1,7 +1,9 @@
 """The benchmark runner works end to end at a tiny size (a smoke test: no timing asserts)."""
 
+import importlib.util
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -95,13 +97,16 @@ def test_per_example_benchmark_runs_and_agrees_with_optax():
     cases = {"tiny": ({"w": (6, 4), "b": (4,)}, 4)}
     results = per_example.run(cases, repeats=1)
     case = results["cases"]["tiny"]
-    # The clipped sums agree with optax's, and with jax_privacy's (the bench extra
-    # installs it; `make test` installs the bench extra).
-    assert set(case["max_rel_diff"]) == {"optax", "jax_privacy"}
+    # The clipped sums agree with optax's, and with jax_privacy's wherever it is
+    # installed: the bench extra installs it, and `make test` (so CI) installs the
+    # bench extra, so there it must be compared. Machines without it (a lent GPU
+    # machine's own image) compare with optax alone.
+    privacy = bool(os.environ.get("CI")) or importlib.util.find_spec("jax_privacy") is not None
+    assert set(case["max_rel_diff"]) == {"optax"} | ({"jax_privacy"} if privacy else set())
     assert all(diff < 1e-5 for diff in case["max_rel_diff"].values()), case["max_rel_diff"]
     timings = case["timings"]
-    assert {"optaxclip.clip_per_example", "optax.per_example_global_norm_clip",
-            "jax_privacy.clip_pytree"} <= set(timings)
+    assert {"optaxclip.clip_per_example", "optax.per_example_global_norm_clip"} | (
+        {"jax_privacy.clip_pytree"} if privacy else set()) <= set(timings)
     assert all(t["median_ms"] > 0 for t in timings.values())
     assert "| optaxclip.clip_per_example" in per_example.render(results)
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "docs" / "_ext"))
 sys.path.insert(0, str(ROOT / "tools"))
 
 pytest.importorskip("sphinx", reason="the docs extra (or the test extra) installs sphinx")
+pytest.importorskip("docutils", reason="the docs extra (or the test extra) installs docutils")
 
 import check_docs  # noqa: E402
 import public_api  # noqa: E402
