@@ -5,7 +5,12 @@ values toward zero (so the bound holds in bf16); ``optax.clip_by_global_norm``
 squares and sums in the leaves' own dtype. Both run jitted and donated, with a
 fresh bf16 copy of the gradients before every timed call (every call clips),
 interleaved with the floor (one read pass accumulating in float32, and that
-read plus the minimal scale pass). The norms each reports are compared with a
+read plus the minimal scale pass) and with three stripped copies of optaxclip's
+update that show where its extra time goes (``STRIPPED``): its norm and scale
+alone (one conditional, the norm's rescue, where the library has a second for the
+scale shared by many leaves), the same without the rescue's conditional, and with
+a plain scale in place of the one rounding toward zero. On a GPU each conditional
+reads its predicate on the host. The norms each reports are compared with a
 float64 reference computed from the same bf16 values.
 """
 
@@ -21,7 +26,15 @@ import numpy as np
 import optax
 
 import optaxclip
-from benchmarks import hlo, suites, timing, trees
+from benchmarks import designs, hlo, suites, timing, trees
+
+# Stripped copies of optaxclip's update (designs.make_clip: its norm and scale,
+# without the shared scale's own conditional and edge cases), to show where the
+# time goes. None is a design to adopt.
+ONE_COND = "parts: library norm, apply_scale"
+UNGUARDED = "parts: fast-path norm, no conditional (not overflow-safe)"
+PLAIN_SCALE = "parts: library norm, plain scale (not bound-exact)"
+STRIPPED = (ONE_COND, UNGUARDED, PLAIN_SCALE)
 
 
 def _floor_read(grads: Any) -> jax.Array:
@@ -42,6 +55,9 @@ def run(shrink: int = 1, repeats: int = 21, max_norm: float = 1.0, log: Any = pr
         "optaxclip": optaxclip.clip_by_global_norm(max_norm),
         "optax": optax.clip_by_global_norm(max_norm),
         "floor_read_write": optax.stateless(lambda g, p: _floor_read_write(g, max_norm)),
+        ONE_COND: designs.make_clip(max_norm),
+        UNGUARDED: designs.make_clip(max_norm, designs.norm_unguarded),
+        PLAIN_SCALE: designs.make_clip(max_norm, designs.norm_library, designs._plain_scale),
     }
     contenders: dict[str, Any] = {n: suites._Clip(tx, source, refresh=True)
                                   for n, tx in txs.items()}

@@ -140,6 +140,17 @@ def norm_library(leaves: list[Array]) -> Array:
     return _norms.global_norm(leaves)
 
 
+def norm_unguarded(leaves: list[Array]) -> Array:
+    """The library's fast path alone: its sums, with no conditional and no rescue.
+
+    Not overflow-safe (an overflowed or underflowed total is kept as it is), so it
+    is no design to adopt: next to ``norm_library`` it measures what the rescue's
+    conditional costs, which on a GPU includes reading its predicate on the host.
+    """
+    total = _norms._psum_total(_norms._global_sums(leaves, 2.0), None)
+    return _norms._root(total, 2.0)
+
+
 def apply_scale_nextafter(update: Array, scale: Array) -> Array:
     """The previous ``apply_scale``: round to nearest, then ``nextafter`` toward zero.
 

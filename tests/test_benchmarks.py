@@ -137,3 +137,28 @@ def test_growth_can_leave_out_optax_and_the_size_sweep(tmp_path, capsys):
     assert set(result["leaves"]["3"]["times"]) == {"optaxclip"}
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3 |"))
     assert "| not run |" in row and "nan" not in row  # optax's columns read "-", not nan
+
+
+def test_bf16_benchmark_times_the_library_next_to_its_stripped_copies():
+    from benchmarks import bf16
+
+    result = bf16.run(shrink=64, repeats=1, log=lambda message: None)
+    assert set(result["times"]) == {"optaxclip", "optax", "floor_read_write", "floor_read",
+                                    *bf16.STRIPPED}
+    conditionals = {name: k["conditionals"] for name, k in result["kernels"].items()}
+    # The library has the norm's conditional and the shared scale's; the stripped
+    # copies keep the norm's alone, and the unguarded one has none.
+    assert conditionals["optaxclip"] == 2
+    assert conditionals[bf16.ONE_COND] == conditionals[bf16.PLAIN_SCALE] == 1
+    assert conditionals[bf16.UNGUARDED] == 0
+    assert abs(result["norms"]["optaxclip"] - result["norms"]["float64 reference"]) <= (
+        1e-6 * result["norms"]["float64 reference"])
+
+
+def test_the_unguarded_design_is_the_library_norm_until_a_sum_overflows():
+    ordinary = [jnp.linspace(-3.0, 2.0, 50).reshape(5, 10), jnp.arange(7.0)]
+    np.testing.assert_allclose(designs.norm_unguarded(ordinary),
+                               designs.norm_library(ordinary), rtol=1e-6)
+    huge = [jnp.full((4,), 1e20)]
+    assert float(designs.norm_unguarded(huge)) == math.inf  # what the rescue is for
+    np.testing.assert_allclose(designs.norm_library(huge), 2e20, rtol=1e-6)
