@@ -847,8 +847,7 @@ def _unit_guarded(p: float, axis_name: AxisName, axes: tuple[Any, ...]) -> Calla
         # arrays, when all their sums are trusted, keep them, behind one conditional
         # of their own, rather than being read again.
         large = [i for i, x in enumerate(xs) if x.size >= _RESCUE_EACH_FROM]
-        out = [None if i in large else one(s, x, a)
-               for i, (s, x, a) in enumerate(zip(sums, xs, axes))]
+        kept: dict[int, tuple[Array, Array]] = {}
         if large:
             large_axes = [axes[i] for i in large]
 
@@ -856,11 +855,11 @@ def _unit_guarded(p: float, axis_name: AxisName, axes: tuple[Any, ...]) -> Calla
                 return [one(s, x, a) for s, x, a in zip(sums, xs, large_axes)]
 
             large_sums = [sums[i] for i in large]
-            kept = lax.cond(_all_trusted(lax.stop_gradient(large_sums)), finish, again,
-                            large_sums, [xs[i] for i in large])
-            for i, pair in zip(large, kept):
-                out[i] = pair
-        return out
+            kept = dict(zip(large, lax.cond(_all_trusted(lax.stop_gradient(large_sums)),
+                                            finish, again, large_sums,
+                                            [xs[i] for i in large])))
+        return [kept[i] if i in kept else one(s, x, a)
+                for i, (s, x, a) in enumerate(zip(sums, xs, axes))]
 
     return _decide_once(fast, finish, rescue)
 
