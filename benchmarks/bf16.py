@@ -1,9 +1,14 @@
-"""bfloat16 gradients: the standalone ``clip_by_global_norm`` update on GPT-2-small shapes.
+"""bfloat16 and float16 gradients: the standalone ``clip_by_global_norm`` update on
+GPT-2-small shapes.
 
-optaxclip accumulates the norm of bf16 leaves in float32 and rounds the scaled
-values toward zero (so the bound holds in bf16); ``optax.clip_by_global_norm``
-squares and sums in the leaves' own dtype. Both run jitted and donated, with a
-fresh bf16 copy of the gradients before every timed call (every call clips),
+optaxclip accumulates the norm of bf16/fp16 leaves in float32 and rounds the scaled
+values toward zero (so the bound holds in the leaves' dtype: for bf16 by dropping
+the float32 product's low 16 bits, for fp16 by rounding to nearest and stepping
+back where that grew the magnitude); ``optax.clip_by_global_norm`` squares in
+the leaves' own dtype and returns each leaf's sum in it (``jnp.sum`` accumulates
+in float32 inside), so in float16 a leaf whose sum of squares passes 65,504 makes
+the norm ``inf`` and the clipped update zero. Both run jitted and donated, with a
+fresh copy of the gradients before every timed call (every call clips),
 interleaved with the floor (one read pass accumulating in float32, and that
 read plus the minimal scale pass) and with three stripped copies of optaxclip's
 update that show where its extra time goes (``STRIPPED``): its norm and scale
@@ -11,7 +16,7 @@ alone (one conditional, the norm's rescue, where the library has a second for th
 scale shared by many leaves), the same without the rescue's conditional, and with
 a plain scale in place of the one rounding toward zero. On a GPU each conditional
 reads its predicate on the host. The norms each reports are compared with a
-float64 reference computed from the same bf16 values.
+float64 reference computed from the same narrow values.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ ONE_COND = "parts: library norm, apply_scale"
 UNGUARDED = "parts: fast-path norm, no conditional (not overflow-safe)"
 PLAIN_SCALE = "parts: library norm, plain scale (not bound-exact)"
 STRIPPED = (ONE_COND, UNGUARDED, PLAIN_SCALE)
+_SHORT = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def _floor_read(grads: Any) -> jax.Array:
@@ -46,11 +52,18 @@ def _floor_read_write(grads: Any, max_norm: float) -> Any:
     return jax.tree.map(lambda g: (g.astype(jnp.float32) * scale).astype(g.dtype), grads)
 
 
-def run(shrink: int = 1, repeats: int = 21, max_norm: float = 1.0, log: Any = print) -> dict:
+DTYPES = ("bfloat16", "float16")
+
+
+def run(shrink: int = 1, repeats: int = 21, max_norm: float = 1.0, log: Any = print,
+        dtype: str = "bfloat16") -> dict:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}.")
     shapes = trees.gpt2_small_shapes(shrink)
-    values = {k: v.astype(jnp.bfloat16) for k, v in trees.make_tree(shapes).items()}
+    values = {k: v.astype(jnp.dtype(dtype)) for k, v in trees.make_tree(shapes).items()}
     source = jax.tree.map(jnp.asarray, values)
-    log(f"  bf16 standalone: {len(shapes)} leaves, {trees.entries(shapes):,} bf16 entries")
+    short = _SHORT[dtype]
+    log(f"  {short} standalone: {len(shapes)} leaves, {trees.entries(shapes):,} {short} entries")
     txs = {
         "optaxclip": optaxclip.clip_by_global_norm(max_norm),
         "optax": optax.clip_by_global_norm(max_norm),
@@ -77,16 +90,18 @@ def run(shrink: int = 1, repeats: int = 21, max_norm: float = 1.0, log: Any = pr
     norms = {"float64 reference": reference,
              "optaxclip": float(optaxclip.stats(state)["clip_by_global_norm/norm"]),
              "optax": float(jax.jit(optax.global_norm)(source))}
-    return {"description": f"{len(shapes)} leaves, {trees.entries(shapes):,} bf16 entries "
+    return {"description": f"{len(shapes)} leaves, {trees.entries(shapes):,} {short} entries "
                            f"({trees.entries(shapes) * 2 / 2**20:,.1f} MiB)",
-            "shrink": shrink, "times": {k: timing.summary(v) for k, v in samples.items()},
+            "dtype": dtype, "shrink": shrink,
+            "times": {k: timing.summary(v) for k, v in samples.items()},
             "kernels": kernels, "readers": readers, "norms": norms}
 
 
 def render(result: dict) -> list[str]:
     times = result["times"]
     ref = times["optax"]["median_ms"]
-    lines = ["", f"#### bf16 standalone clip_by_global_norm, GPT-2 small shapes"
+    short = _SHORT[result.get("dtype", "bfloat16")]
+    lines = ["", f"#### {short} standalone clip_by_global_norm, GPT-2 small shapes"
                  f"{'' if result['shrink'] == 1 else ' / ' + str(result['shrink'])}: "
                  f"{result['description']}", "",
              "| contender | median ms | q1-q3 ms | min ms | / optax | kernels | reduces |",
@@ -98,7 +113,7 @@ def render(result: dict) -> list[str]:
                      f"| {k.get('kernels', '')} | {k.get('reduces', '')} |")
     norms = result["norms"]
     exact = norms["float64 reference"]
-    lines += ["", "| norm of the bf16 gradients | value | relative error |", "|---|---|---|"]
+    lines += ["", f"| norm of the {short} gradients | value | relative error |", "|---|---|---|"]
     lines += [f"| {k} | {v:.6g} | {abs(v - exact) / exact:.2e} |" for k, v in norms.items()]
     return lines
 
@@ -107,12 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(description="bf16 standalone clip benchmark")
+    parser = argparse.ArgumentParser(description="bf16 / fp16 standalone clip benchmark")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--shrink", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
-    result = run(args.shrink, args.repeats, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run(args.shrink, args.repeats, log=lambda m: print(m, file=sys.stderr, flush=True),
+                 dtype=args.dtype)
     result["machine"] = timing.machine()
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)

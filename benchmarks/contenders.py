@@ -89,9 +89,9 @@ def step_contenders(
     """All train-step contenders, and the registered factories left out with the reason.
 
     ``adam`` alone, ``optax.clip_by_global_norm`` and ``optax.adaptive_grad_clip``
-    chained ahead of it, every registered clipper chained ahead of it (an update
-    clipper after it), every guard around ``chain(clip_by_global_norm, adam)``, and
-    ``clipped(adam, global_clipnorm=...)``.
+    chained ahead of it, ``optax.apply_if_finite`` around optax's chain, every
+    registered clipper chained ahead of it (an update clipper after it), every guard
+    around ``chain(clip_by_global_norm, adam)``, and ``clipped(adam, global_clipnorm=...)``.
     """
     out = {
         "adam": StepContender("adam", optimizer, "reference"),
@@ -106,6 +106,15 @@ def step_contenders(
             "optax.adaptive_grad_clip",
             lambda: optax.chain(optax.adaptive_grad_clip(ARGUMENTS["adaptive_grad_clip"]),
                                 optimizer()), "reference"),
+        # optax's own guard around optax's chain: the reference for the guards. It
+        # selects between the old and the new state as skip_nonfinite does, and lets a
+        # non-finite step through after max_consecutive_errors (here optax's example
+        # value, 5) in a row.
+        "optax.apply_if_finite": StepContender(
+            "optax.apply_if_finite",
+            lambda: optax.apply_if_finite(
+                optax.chain(optax.clip_by_global_norm(threshold), optimizer()), 5),
+            "reference"),
     }
     skipped: dict[str, str] = {}
     inner = lambda: optax.chain(optaxclip.clip_by_global_norm(threshold), optimizer())

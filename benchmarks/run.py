@@ -10,7 +10,7 @@ Sections (``--only`` picks some; default all): ``standalone`` (standalone clip,
 Adam step on given gradients, compile time, stats, memory; GPT-2 small and
 2000 x 64x64), ``train_step`` (the full jitted train step of a GPT-style
 transformer and an MLP, f32 and bf16, every registered clipper and guard),
-``bf16`` (standalone bf16 clip on GPT-2-small shapes), ``growth`` (step and
+``bf16`` (standalone bf16 and fp16 clip on GPT-2-small shapes), ``growth`` (step and
 compile time against leaf count and size, with ``benchmarks/growth.png``),
 ``guards`` (select against ``lax.cond`` guards, under vmap too, and
 ``clip_by_value``'s statistic) and ``per_example`` (``clip_per_example`` next to
@@ -199,9 +199,12 @@ def run_sections(sections: tuple[str, ...], quick: bool, with_designs: bool,
         parts.append("\n".join(["### Full train step (jitted, donated)"]
                                + train_step.render(results["train_step"])))
     if "bf16" in sections:
-        log("bf16 standalone clip ...")
-        results["bf16"] = bf16.run(8 if quick else 1, 7 if quick else 21, log=log)
-        parts.append("\n".join(["### bf16"] + bf16.render(results["bf16"])))
+        log("bf16 and fp16 standalone clip ...")
+        lines = ["### bf16 and fp16"]
+        for dtype, key in (("bfloat16", "bf16"), ("float16", "fp16")):
+            results[key] = bf16.run(8 if quick else 1, 7 if quick else 21, log=log, dtype=dtype)
+            lines += bf16.render(results[key])
+        parts.append("\n".join(lines))
     if "growth" in sections:
         log("growth ...")
         results["growth"] = growth.run(growth.QUICK_GROWTH if quick else growth.FULL_GROWTH,

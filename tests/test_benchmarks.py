@@ -116,7 +116,7 @@ def test_train_step_runs_only_the_named_contenders(tmp_path):
 
     out = tmp_path / "ts.json"
     names = ["adam", "spam(adam)", "chain(clip_by_group_norms(matrices, rest), adam)",
-             "optax.adaptive_grad_clip"]
+             "optax.adaptive_grad_clip", "optax.apply_if_finite"]
     argv = ["--sizes", "tiny", "--case", "mlp/float32", "--json", str(out)]
     assert train_step.main(argv + [a for n in names for a in ("--contender", n)]) == 0
     case = json.loads(out.read_text())["mlp/float32"]
@@ -139,10 +139,12 @@ def test_growth_can_leave_out_optax_and_the_size_sweep(tmp_path, capsys):
     assert "| not run |" in row and "nan" not in row  # optax's columns read "-", not nan
 
 
-def test_bf16_benchmark_times_the_library_next_to_its_stripped_copies():
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_narrow_benchmark_times_the_library_next_to_its_stripped_copies(dtype):
     from benchmarks import bf16
 
-    result = bf16.run(shrink=64, repeats=1, log=lambda message: None)
+    result = bf16.run(shrink=64, repeats=1, log=lambda message: None, dtype=dtype)
+    assert result["dtype"] == dtype
     assert set(result["times"]) == {"optaxclip", "optax", "floor_read_write", "floor_read",
                                     *bf16.STRIPPED}
     conditionals = {name: k["conditionals"] for name, k in result["kernels"].items()}
@@ -153,6 +155,32 @@ def test_bf16_benchmark_times_the_library_next_to_its_stripped_copies():
     assert conditionals[bf16.UNGUARDED] == 0
     assert abs(result["norms"]["optaxclip"] - result["norms"]["float64 reference"]) <= (
         1e-6 * result["norms"]["float64 reference"])
+    title = bf16.render(result)[1]
+    assert title.startswith(f"#### {'bf16' if dtype == 'bfloat16' else 'fp16'} standalone")
+
+
+def test_the_bf16_section_of_make_bench_times_both_narrow_dtypes(monkeypatch):
+    from benchmarks import bf16
+
+    real, dtypes = bf16.run, []
+
+    def tiny(shrink, repeats, log, dtype):
+        dtypes.append(dtype)
+        return real(shrink=64, repeats=1, log=log, dtype=dtype)
+
+    monkeypatch.setattr(bf16, "run", tiny)
+    results, report = run.run_sections(("bf16",), quick=True, with_designs=False,
+                                       plot_path=None, log=lambda message: None)
+    assert dtypes == ["bfloat16", "float16"]
+    assert results["bf16"]["dtype"] == "bfloat16" and results["fp16"]["dtype"] == "float16"
+    assert "#### bf16 standalone" in report and "#### fp16 standalone" in report
+
+
+def test_narrow_benchmark_refuses_a_dtype_it_does_not_time():
+    from benchmarks import bf16
+
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        bf16.run(shrink=64, repeats=1, log=lambda message: None, dtype="float32")
 
 
 def test_the_unguarded_design_is_the_library_norm_until_a_sum_overflows():
