@@ -286,8 +286,8 @@ def _float_zeros(tree: Any) -> Any:
 
 
 def skip_nonfinite_select(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """The select form (as ``optaxclip.skip_nonfinite`` is built): the inner update always
-    runs, then ``where(skip, old, new)`` over the updates and the whole inner state."""
+    """The select form (``optaxclip.skip_nonfinite`` until 2026-12-07): the inner update
+    always runs, then ``where(skip, old, new)`` over the updates and the whole inner state."""
 
     def update_fn(updates: Any, state: GuardState, params: Any = None) -> tuple[Any, GuardState]:
         norm = _norms.global_norm(updates).astype(jnp.float32)
@@ -321,9 +321,12 @@ def skip_nonfinite_barrier(inner: optax.GradientTransformation) -> optax.Gradien
 
 
 def skip_nonfinite_cond(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """The ``lax.cond`` form: the skip branch returns zeros and the old state, the apply
-    branch runs the inner update. Under ``jax.vmap`` with a batched predicate the cond
-    becomes a select of both branches (the select form again)."""
+    """The ``lax.cond`` form with the skip branch as the true branch: it returns zeros and
+    the old state, the false branch runs the inner update. XLA:CPU copies every state
+    buffer out of such a conditional; ``optaxclip.skip_nonfinite`` is the same
+    conditional with the branches the other way round, which updates the donated
+    moments in place. Under ``jax.vmap`` with a batched predicate the cond becomes a
+    select of both branches (the select form again)."""
 
     def update_fn(updates: Any, state: GuardState, params: Any = None) -> tuple[Any, GuardState]:
         norm = _norms.global_norm(updates).astype(jnp.float32)

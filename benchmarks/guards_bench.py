@@ -1,5 +1,6 @@
-"""Guards: the select form against the ``lax.cond`` form, in a train step, under vmap and
-shard_map; and ``clip_by_value``'s statistic.
+"""Guards: the library's ``lax.cond`` form against the select form and a cond with its
+branches swapped, in a train step, under vmap and shard_map; and ``clip_by_value``'s
+statistic.
 
 Run as a module for the shard_map part, which needs 8 virtual CPU devices set
 before jax starts (the runner does this in a subprocess)::
@@ -36,7 +37,10 @@ def guard_transforms(with_spike: bool = False
         "chain(clip, adam)": inner,
         "library skip_nonfinite": lambda: optaxclip.skip_nonfinite(inner()),
         "select form": lambda: designs.skip_nonfinite_select(inner()),
-        "cond form": lambda: designs.skip_nonfinite_cond(inner()),
+        # The library is the cond form with the applying branch as the true branch;
+        # this one has the branches the other way round, which XLA:CPU compiles to a
+        # copy of the whole state out of the conditional.
+        "cond form, skip branch first": lambda: designs.skip_nonfinite_cond(inner()),
         "select form, barrier": lambda: designs.skip_nonfinite_barrier(inner()),
     }
     if with_spike:
