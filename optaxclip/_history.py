@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip._norms import accumulation_dtype, is_float_leaf
+from optaxclip._norms import accumulation_dtype, is_float_leaf, quotient
 
 Array = jax.Array
 
@@ -102,7 +102,7 @@ def mean_std(history: History) -> tuple[Array, Array]:
     count = jnp.maximum(filled(history), 1).astype(values.dtype)
     largest = jnp.max(jnp.abs(values), initial=0)
     divisor = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
-    unit = values / divisor
+    unit = quotient(values, divisor)
     mean_unit = jnp.sum(unit) / count
     var_unit = jnp.sum(jnp.where(mask, jnp.square(unit - mean_unit), 0)) / count
     return mean_unit * divisor, jnp.sqrt(var_unit) * divisor
@@ -112,6 +112,5 @@ def scaled_rms(weight_a: float | Array, a: Array, weight_b: float | Array, b: Ar
     """``sqrt(weight_a a^2 + weight_b b^2)`` for weights in [0, 1], without overflow."""
     largest = jnp.maximum(jnp.abs(a), jnp.abs(b))
     divisor = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
-    return jnp.sqrt(weight_a * jnp.square(a / divisor) + weight_b * jnp.square(b / divisor)) * (
-        divisor
-    )
+    return jnp.sqrt(weight_a * jnp.square(quotient(a, divisor))
+                    + weight_b * jnp.square(quotient(b, divisor))) * divisor

@@ -42,7 +42,7 @@ Array = jax.Array
 
 __all__ = [
     "batched_global_norm", "global_norm", "global_norm_parts", "leaf_norms", "unit_norm_parts",
-    "unit_norms", "is_float_leaf",
+    "unit_norms", "is_float_leaf", "quotient",
 ]
 
 
@@ -130,11 +130,26 @@ def _power_sum(x: Array, p: float, axes: Any = None) -> Array:
     return jnp.sum(_safe_pow(magnitude, p), axis=axes)
 
 
+def quotient(x: Array, divisor: Array) -> Array:
+    """``x / divisor`` for a positive ``divisor`` of any normal size, also past 2^126.
+
+    XLA turns a division by a broadcast scalar into a product with its reciprocal,
+    and past 2^126 (float32) that reciprocal is subnormal and flushes to zero: every
+    quotient of a vector by a maximum near 1e38 came out 0, under jit and eagerly.
+    Where the divisor is 2^64 or more, both are scaled by 2^-64 first, so the
+    reciprocal stays normal. A power of two is exact; an entry of ``x`` it flushes
+    has a quotient below the normal range anyway (``x / divisor <= x * 2^-64``).
+    """
+    big = divisor >= 2.0**64
+    factor = jnp.where(big, jnp.asarray(2.0**-64, divisor.dtype), jnp.ones([], divisor.dtype))
+    return (x * factor.astype(jnp.real(x).dtype)) / (divisor * factor)
+
+
 def _divided(x: Array, divisor: Array, acc: Any) -> Array:
     """``x / divisor`` in ``acc`` precision, keeping the imaginary part of complex ``x``."""
     if jnp.iscomplexobj(x):
-        return x.astype(jnp.result_type(acc, jnp.complex64)) / divisor
-    return x.astype(acc) / divisor
+        return quotient(x.astype(jnp.result_type(acc, jnp.complex64)), divisor)
+    return quotient(x.astype(acc), divisor)
 
 
 def _multiplied(x: Array, factor: Array, acc: Any) -> Array:
@@ -580,7 +595,7 @@ def _combine_rescued_parts(
     """
     largest = _pmax(jnp.max(jnp.stack(maxima), axis=0), axis_name)
     divisor = _safe_divisor(largest)
-    terms = [_safe_pow(m / divisor, p) * s for m, s in zip(maxima, scaled_sums)]
+    terms = [_safe_pow(quotient(m, divisor), p) * s for m, s in zip(maxima, scaled_sums)]
     return _scaled_parts(largest, _psum_total(terms, axis_name), p)
 
 

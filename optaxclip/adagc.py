@@ -224,7 +224,8 @@ def _fractions(norms: list, total: Array, parts: list) -> list:
     largest = jnp.max(jnp.stack([jnp.max(m, initial=0) for _, m in pairs] or [jnp.ones([])]))
     largest = jnp.where(largest > 0, largest, 1)
     sizes = [
-        jnp.zeros([]) if pair is None else pair[0] * (pair[1] / largest) for pair in parts
+        jnp.zeros([]) if pair is None else pair[0] * _norms.quotient(pair[1], largest)
+        for pair in parts
     ]
     whole = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in sizes))
     overflowed = jnp.isposinf(total) & finite_input

@@ -695,3 +695,55 @@ def test_the_harness_catches_a_float64_scale_flushed_for_float32_leaves(monkeypa
         assert float(np.asarray(out["f32"][0])) == 0  # the defect, reproduced
         with pytest.raises(AssertionError):
             oc.testing.assert_clip_contracts(tx, grads, mode="eager")
+
+
+# 15. Dividing by a maximum past 2^126 (float32): XLA computes ``x / d``, with ``d`` a
+# broadcast scalar, as ``x * (1 / d)``, and that reciprocal is subnormal and flushes to
+# zero. The 3-norm of entries near 1e38 came out 0, so ``clip_by_norm(ord=3)`` let them
+# through unclipped; the mean and std of a history holding a norm near 1e38 came out 0,
+# so ``clip_update_norm``'s threshold was 0 and it zeroed every later update (eagerly;
+# ``make fuzz``'s guard matrix found it). Such divisions now scale both sides by 2^-64
+# first (``_norms.quotient``).
+HUGE_TREE = {"a": np.array([1.4e38, 1.0e38, 3.0], np.float32),
+             "b": np.full((4, 4), 1e38, np.float32)}
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("ord", [3, 4.5])
+def test_norms_by_their_maximum_past_2_to_the_126(ord, jit):
+    tree = jax.tree.map(jnp.asarray, HUGE_TREE)
+    leaf_norm = lambda x: float(np.sum(np.abs(x.astype(np.float64)) ** ord) ** (1 / ord))
+    whole = float(np.sum([np.sum(np.abs(x.astype(np.float64)) ** ord)
+                          for x in HUGE_TREE.values()]) ** (1 / ord))
+    norm = jax.jit(oc.global_norm, static_argnums=1) if jit else oc.global_norm
+    np.testing.assert_allclose(float(norm(tree, ord)), whole, rtol=1e-6)
+    tx = oc.clip_by_norm(1.0, ord=ord)
+    update = jax.jit(tx.update) if jit else tx.update
+    out, state = update(tree, tx.init(tree))
+    for key, x in HUGE_TREE.items():
+        np.testing.assert_allclose(float(state.stats.norm[key]),
+                                   leaf_norm(x), rtol=1e-6, err_msg=key)
+        np.testing.assert_allclose(leaf_norm(np.asarray(out[key])), 1.0, rtol=1e-5,
+                                   err_msg=key)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_history_statistics_past_2_to_the_126(jit):
+    from optaxclip import _history
+
+    history = _history.empty(4, jnp.float32)
+    for value in (1e38, 2.0):
+        history = _history.record(history, jnp.float32(value), True)
+    mean_std = jax.jit(_history.mean_std) if jit else _history.mean_std
+    np.testing.assert_allclose(np.asarray(mean_std(history)), [5e37, 5e37], rtol=1e-6)
+
+    tx = oc.clip_update_norm(window=8, min_history=2, z=2.0)
+    update = jax.jit(tx.update) if jit else tx.update
+    state = tx.init(GRADS)
+    for scale in (1.0, 1.0, 1.0, 4e37):  # the last update's norm is near 1.2e38
+        _, state = update({k: g * scale for k, g in GRADS.items()}, state)
+    out, state = update(GRADS, state)
+    stats = oc.stats(state)
+    assert float(stats["clip_update_norm/threshold"]) > 1e37
+    for key, g in GRADS.items():  # far under the threshold: returned as it came
+        np.testing.assert_array_equal(np.asarray(out[key]), np.asarray(g), err_msg=key)
