@@ -139,10 +139,14 @@ def quotient(x: Array, divisor: Array) -> Array:
     Where the divisor is 2^64 or more, both are scaled by 2^-64 first, so the
     reciprocal stays normal. A power of two is exact; an entry of ``x`` it flushes
     has a quotient below the normal range anyway (``x / divisor <= x * 2^-64``).
+    Below 2^64 the plain division is selected, so its bits are those of ``x / d``
+    (a constant history's mean and std, for one, stay exact).
     """
     big = divisor >= 2.0**64
+    # A factor computed from the data: a constant one XLA would cancel from both sides.
     factor = jnp.where(big, jnp.asarray(2.0**-64, divisor.dtype), jnp.ones([], divisor.dtype))
-    return (x * factor.astype(jnp.real(x).dtype)) / (divisor * factor)
+    scaled = (x * factor.astype(jnp.real(x).dtype)) / (divisor * factor)
+    return jnp.where(big, scaled, x / divisor)
 
 
 def _divided(x: Array, divisor: Array, acc: Any) -> Array:
