@@ -338,12 +338,32 @@ def _decide_once(fast: Callable, finish: Callable, rescue: Callable) -> Callable
     return guarded
 
 
-# After an overflow of sum |x|^p (p <= 2) every entry is below 2^128, so scaled by
-# 2^-80 its p-th power is below 2^96; after an underflow every entry is below
+# After an overflow of sum |x|^p (1 <= p <= 2) every entry is below 2^128, so scaled
+# by 2^-80 its p-th power is below 2^96; after an underflow every entry is below
 # 2^(-63/p), so scaled by 2^80 its p-th power stays normal and below 2^97. Entries
 # lost to the scaling are below 2^-126 relative to what is kept. Power-of-two
 # scaling is exact. For p > 2 no fixed factor covers both ends, and each part is
-# divided by its own maximum instead (a second read).
+# divided by its own maximum instead (a second read). So it is for p < 1, where
+# the root, not the sum, overflows: ``sum^(1/p)`` grows past the sum, and with
+# ``n`` entries near the largest float, past 2^-80's reach (see ``_checked_sum``).
+def _by_maximum(p: float) -> bool:
+    """Whether the rescue of a p-norm divides by the maximum (else a power of two)."""
+    return p > 2 or p < 1
+
+
+def _checked_sum(power_sum: Array, p: float) -> Array:
+    """``power_sum``, or ``inf`` where its root overflows (``p < 1``), so untrusted.
+
+    For ``p >= 1`` the root is at most the sum, so a finite sum has a finite root;
+    for ``p < 1`` finite entries near the largest float have a finite sum of p-th
+    powers whose root (the norm) does not fit. NaN stays NaN.
+    """
+    if p >= 1:
+        return power_sum
+    return jnp.where(jnp.isposinf(_root(power_sum, p)), jnp.inf, power_sum).astype(
+        power_sum.dtype)
+
+
 # The same argument holds for float64 (x64) with exponents scaled by its range:
 # 2^-640 and 2^640 (entries below 2^1024; 2^(-511/p) after an underflow).
 def _rescue_exponent(dtype: Any) -> int:
@@ -565,8 +585,6 @@ def global_norm_parts(
         return jnp.zeros([], acc), one
     if p == math.inf:
         return _pmax(jnp.max(jnp.stack(_global_sums(leaves, p))), axis_name), one
-    if p == 1:
-        return _psum_total(_global_sums(leaves, p), axis_name), one
     return _global_guarded(p, axis_name)(leaves)
 
 
@@ -604,10 +622,39 @@ def _combine_rescued_parts(
 
 
 def _scaled_parts(largest: Array, scaled_power_sum: Array, p: float) -> tuple[Array, Array]:
-    """``M * (sum (|x|/M)^p)^(1/p)`` as parts; NaN, inf and 0 ride in the root."""
+    """``M * (sum (|x|/M)^p)^(1/p)`` as parts; NaN, inf and 0 ride in the root.
+
+    The root is at most ``n^(1/p)`` for ``n`` entries, which for ``p < 1`` can pass
+    the largest float (p = 0.25 and 2^32 equal entries, or p = 0.1 and 7,000). See
+    ``_wide_root_parts``.
+    """
     finite_positive = (largest > 0) & (largest < math.inf)
-    root = jnp.where(finite_positive, _root(scaled_power_sum, p), largest)
-    return root, jnp.where(finite_positive, largest, 1).astype(root.dtype)
+    multiplier = jnp.where(finite_positive, largest, 1).astype(scaled_power_sum.dtype)
+    if p < 1:
+        root, multiplier = _wide_root_parts(scaled_power_sum, multiplier, p)
+    else:
+        root = _root(scaled_power_sum, p)
+    return jnp.where(finite_positive, root, largest), multiplier
+
+
+def _wide_root_parts(power_sum: Array, multiplier: Array, p: float) -> tuple[Array, Array]:
+    """Parts ``(root, m)`` of ``multiplier * power_sum^(1/p)`` for ``p < 1``, finite
+    wherever the norm is below ``2^256`` (float32), so the scale from them is exact.
+
+    The root if it fits; else its square root ``r``, with ``r`` moved into the
+    multiplier; else, for a norm past what two finite parts can hold, ``(largest
+    float, inf)``: the scale is then 0 (``_scaling.rescale_overflowed``), where the
+    exact one is below ``threshold * 2^-256`` and every output entry below
+    ``threshold * 2^-128``. NaN stays NaN.
+    """
+    root = _root(power_sum, p)
+    half = _safe_pow(power_sum, 0.5 / p)
+    moved = multiplier * half
+    fits = jnp.isfinite(root) | jnp.isnan(power_sum)
+    halves = ~fits & jnp.isfinite(moved)
+    largest = jnp.asarray(jnp.finfo(power_sum.dtype).max, power_sum.dtype)
+    root = jnp.where(fits, root, jnp.where(halves, half, largest))
+    return root, jnp.where(fits, multiplier, jnp.where(halves, moved, jnp.inf)).astype(root.dtype)
 
 
 def _rescued_part(x: Array, p: float, axes: Any, acc: Any) -> tuple[Array, Array]:
@@ -622,7 +669,7 @@ def _rescued_part(x: Array, p: float, axes: Any, acc: Any) -> tuple[Array, Array
 @functools.cache
 def _global_guarded(p: float, axis_name: AxisName) -> Callable:
     def fast(leaves: list[Array]) -> Array:
-        return _psum_total(_global_sums(leaves, p), axis_name)
+        return _checked_sum(_psum_total(_global_sums(leaves, p), axis_name), p)
 
     def finish(total: Array, leaves: list[Array]) -> tuple[Array, Array]:
         del leaves
@@ -630,7 +677,7 @@ def _global_guarded(p: float, axis_name: AxisName) -> Callable:
 
     def rescue(total: Array, leaves: list[Array]) -> tuple[Array, Array]:
         acc = _widest(leaves)
-        if p > 2:
+        if _by_maximum(p):
             parts = _reduced_packed(leaves, lambda x: _rescued_part(x, p, None, acc))
             maxima, sums = (list(column) for column in zip(*parts))
             return _combine_rescued_parts(maxima, sums, p, axis_name)
@@ -720,8 +767,6 @@ def batched_global_norm(
         return jnp.zeros([batch], acc)
     if p == math.inf:
         return _pmax(jnp.max(jnp.stack(_batched_sums(moved, p)), axis=0), axis_name)
-    if p == 1:
-        return _psum_total(_batched_sums(moved, p), axis_name)
     return _batched_guarded(p, axis_name)(moved)
 
 
@@ -740,7 +785,7 @@ def _batched_sums(leaves: list[Array], p: float) -> list[Array]:
 @functools.cache
 def _batched_guarded(p: float, axis_name: AxisName) -> Callable:
     def fast(leaves: list[Array]) -> Array:
-        return _psum_total(_batched_sums(leaves, p), axis_name)
+        return _checked_sum(_psum_total(_batched_sums(leaves, p), axis_name), p)
 
     def finish(totals: Array, leaves: list[Array]) -> Array:
         del leaves
@@ -748,7 +793,7 @@ def _batched_guarded(p: float, axis_name: AxisName) -> Callable:
 
     def rescue(totals: Array, leaves: list[Array]) -> Array:
         acc = _widest(leaves)
-        if p > 2:
+        if _by_maximum(p):
             rescued = _reduced_packed(
                 leaves, lambda x: _rescued_part(x, p, _example_axes(x), acc), _joined_rows
             )
@@ -806,10 +851,9 @@ def unit_norm_parts(
     if not xs:
         return []
     axes = tuple(_normal_axes(a, x.ndim) for a, x in zip(axes, xs))
-    if p in (1, math.inf):
-        sums = [_power_sum(x, p, a) for x, a in zip(xs, axes)]
-        sums = _pmax(sums, axis_name) if p == math.inf else _psum(sums, axis_name)
-        return [(s, jnp.ones_like(s)) for s in sums]
+    if p == math.inf:
+        return [(s, jnp.ones_like(s))
+                for s in _pmax([_power_sum(x, p, a) for x, a in zip(xs, axes)], axis_name)]
     return _unit_guarded(p, axis_name, axes)(xs)
 
 
@@ -833,7 +877,8 @@ def _unit_guarded(p: float, axis_name: AxisName, axes: tuple[Any, ...]) -> Calla
     # _RESCUE_EACH_FROM entries or more are re-read only when one of their own sums
     # is untrusted. No divisor is shared between arrays either (see _combine_rescued).
     def fast(xs: list[Array]) -> list[Array]:
-        return [_psum(_power_sum(x, p, a), axis_name) for x, a in zip(xs, axes)]
+        return [_checked_sum(_psum(_power_sum(x, p, a), axis_name), p)
+                for x, a in zip(xs, axes)]
 
     def finish(sums: list[Array], xs: list[Array]) -> list[tuple[Array, Array]]:
         del xs
@@ -858,7 +903,7 @@ def _unit_guarded(p: float, axis_name: AxisName, axes: tuple[Any, ...]) -> Calla
         scaled = _psum(_power_sum(_divided(x, divisor, acc), p, a), axis_name)
         return _scaled_parts(largest, scaled, p)
 
-    one = by_maximum if p > 2 else by_power_of_two
+    one = by_maximum if _by_maximum(p) else by_power_of_two
 
     def rescue(sums: list[Array], xs: list[Array]) -> list[tuple[Array, Array]]:
         # One untrusted sum sends every array here, and a common one sits in a small

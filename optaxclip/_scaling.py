@@ -172,18 +172,24 @@ def rescale_overflowed(scale: Array, low: Array, overflowed: Array, threshold: A
     split by ``split_tiny_parts``.
 
     ``overflowed`` is narrowed to finite parts with ``root > 0`` (a NaN or infinite
-    entry keeps its NaN scale). The two divisions are kept apart by a barrier: XLA's
-    simplifier would rewrite ``(t / r) / m`` as ``t / (r * m)``, and ``r * m`` is the
-    norm that overflowed (scale 0 under jit). ``threshold / root`` first: ``root``
-    is at least 1 wherever a norm overflowed, so neither quotient overflows, and one
-    that underflows is recomputed by ``split_tiny_parts``. A threshold of ``inf``
-    gives 1 and a NaN threshold NaN, as in ``scale_factor``.
+    entry keeps its NaN scale). A finite root with an infinite multiplier is a
+    norm of finite entries past ``2^256`` (``_norms._wide_root_parts``, p < 1): its
+    scale is 0, where the exact one is below ``threshold * 2^-256``. The two
+    divisions are kept apart by a barrier: XLA's simplifier would rewrite
+    ``(t / r) / m`` as ``t / (r * m)``, and ``r * m`` is the norm that overflowed
+    (scale 0 under jit). ``threshold / root`` first: ``root`` is at least 1
+    wherever a norm overflowed, so neither quotient overflows, and one that
+    underflows is recomputed by ``split_tiny_parts``. A threshold of ``inf`` gives
+    1 and a NaN threshold NaN, as in ``scale_factor``.
     """
+    beyond = overflowed & jnp.isfinite(root) & jnp.isposinf(multiplier) & (threshold < math.inf)
     overflowed = overflowed & jnp.isfinite(root) & jnp.isfinite(multiplier) & (root > 0)
     multiplier = jnp.where(overflowed, multiplier, 1)
     root = jnp.where(overflowed, root, 1)
     exact = jnp.minimum(lax.optimization_barrier(threshold / root) / multiplier, 1)
     exact, exact_low = split_tiny_parts(exact, threshold, multiplier, root)
+    scale = jnp.where(beyond, jnp.zeros([], scale.dtype), scale)
+    low = jnp.where(beyond, jnp.ones([], low.dtype), low)
     return (jnp.where(overflowed, exact.astype(scale.dtype), scale),
             jnp.where(overflowed, exact_low.astype(low.dtype), low))
 

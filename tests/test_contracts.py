@@ -6,7 +6,8 @@ thresholds (0, the smallest normal, tiny, 1, huge, each dtype's max and above,
 inf; static, scheduled, or traced through ``inject_hyperparams`` together with
 every float hyperparameter that accepts a tracer, such as ``eps``), gradient
 scales (0, subnormal, tiny, 1, large, near each dtype's max, a norm beyond it;
-one NaN/+inf/-inf entry), structures (one bare leaf, many leaves, 36 leaves,
+one NaN/+inf/-inf entry), the norm's order for the clippers that take
+``ord`` (2, 1, 3, 4.5, 0.5, inf), structures (one bare leaf, many leaves, 36 leaves,
 the empty tree, scalar and zero-size leaves, ``None`` / ``MaskedNode`` /
 integer leaves),
 execution (eager, jit, vmap, donated state, state restored as numpy arrays) and
@@ -55,6 +56,9 @@ THRESHOLDS = ("zero", "smallest_normal", "tiny", "one", "huge", "dtype_max", "ab
               "float32_max", "inf")
 FORMS = ("static", "traced", "schedule")
 HISTORIES = ("fresh", "warm", "after_huge")
+# The norm's order, for the clippers that take ``ord`` (the rest ignore it): the
+# default, 1, p > 2 (the maximum-scaled rescue), a fractional p and inf.
+ORDS = (None, 1.0, 3.0, 4.5, 0.5, math.inf)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Some donated buffers were not usable", "ignore:.*stats found no optaxclip"
@@ -282,6 +286,7 @@ case_strategy = st.fixed_dictionaries({
     "form": st.sampled_from(FORMS),
     "mode": st.sampled_from(contracts.MODES),
     "history": st.sampled_from(HISTORIES),
+    "ord": st.sampled_from(ORDS),
     "seed": st.integers(0, 2**16),
 })
 
@@ -290,8 +295,15 @@ def _x64(case):
     return jax.enable_x64(case["dtype"] in ("float64", "mixed64"))
 
 
+def _ord_option(info, case: dict) -> dict:
+    """``{"ord": p}`` when the case names an order and the factory takes one."""
+    takes_ord = "ord" in inspect.signature(info.factory).parameters
+    return {"ord": case["ord"]} if takes_ord and case.get("ord") is not None else {}
+
+
 def _run_clipper_case(name: str, case: dict, **options) -> None:
     info = FACTORIES[name]
+    options = {**_ord_option(info, case), **options}
     with _x64(case), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tree = make_tree(case["structure"], case["dtype"], case["scale"], case["nonfinite"],
@@ -312,10 +324,17 @@ TRACED_WIDE_CASE = {"dtype": "float32", "structure": "wide", "scale": "large",
                     "history": "warm", "seed": 0}
 
 
+# Always run as well: entries near float32's max under a p-norm with p > 2, whose
+# rescue divides by the largest magnitude (its reciprocal is subnormal past 2^126).
+NEAR_MAX_P_NORM_CASE = {**TRACED_WIDE_CASE, "structure": "many_leaves", "scale": "near_max",
+                        "form": "static", "history": "fresh", "ord": 3.0}
+
+
 @pytest.mark.parametrize("name", CLIPPERS)
 @settings(deadline=None)
 @given(case=case_strategy)
 @example(case=TRACED_WIDE_CASE)
+@example(case=NEAR_MAX_P_NORM_CASE)
 def test_clipper_contracts(name, case):
     _run_clipper_case(name, case)
 
@@ -417,7 +436,8 @@ def test_guard_contracts(guard, case, clipper):
                          case["seed"])
         params = weights_like(tree, case["seed"])
         limit = _threshold_value(case["threshold"], tree)
-        inner = optax.chain(build(info, limit, case["form"]), optax.sgd(0.1))
+        inner = optax.chain(build(info, limit, case["form"], **_ord_option(info, case)),
+                            optax.sgd(0.1))
         tx = FACTORIES[guard].build(inner=inner)
         state = _history(tx, tree, params, case["history"], case["seed"])
         contracts.assert_guard_contracts(tx, tree, state, params, mode=case["mode"])
@@ -434,7 +454,7 @@ def test_checked_passes_every_clipper_on_finite_input(case, clipper):
         tree = make_tree(case["structure"], case["dtype"], case["scale"], None, case["seed"])
         params = weights_like(tree, case["seed"]) if info.needs_params else None
         limit = _threshold_value(case["threshold"], tree)
-        tx = oc.checked(build(info, limit, case["form"]))
+        tx = oc.checked(build(info, limit, case["form"], **_ord_option(info, case)))
         state = _history(tx, tree, params, case["history"], case["seed"], checked=True)
         contracts.assert_clip_contracts(tx, tree, state, params, mode="eager")
 

@@ -747,3 +747,60 @@ def test_history_statistics_past_2_to_the_126(jit):
     assert float(stats["clip_update_norm/threshold"]) > 1e37
     for key, g in GRADS.items():  # far under the threshold: returned as it came
         np.testing.assert_array_equal(np.asarray(out[key]), np.asarray(g), err_msg=key)
+
+
+# 16. p-norms with p <= 1 of finite entries past float32's range. The 1-norm was summed
+# without the overflow rescue, and for p < 1 the power sum stays finite while its root
+# (the norm) overflows, so the norm came out ``inf`` with no finite parts to take an
+# exact scale from: ``clip_by_norm(ord=1)`` of twelve entries of 3e37 returned NaN, and
+# so did ``ord=0.5`` and the global forms. The contract matrix's ``ord`` dimension
+# found it. The 1-norm now takes the rescue like p <= 2, and for p < 1 an overflowing
+# root sends the norm to the rescue by its maximum, whose parts hold the norm up to
+# 2^256 (``_norms._wide_root_parts``); past that the scale is 0.
+WIDE_ROOT_CASES = {  # (ord, entries, value, threshold)
+    "l1_sum_overflows": (1.0, 12, 3e37, 1.0),
+    "p0.5_root_overflows": (0.5, 1000, 3e38, 1.0),
+    "p0.25_root_in_halves": (0.25, 100, 3e37, 1.0),
+    "p0.1_huge_threshold": (0.1, 100, 3e37, 1e38),
+    "p0.1_small_entries": (0.1, 10_000, 1e-3, 1e30),
+    "p0.05_norm_past_2_to_the_256": (0.05, 1000, 2.0, 1e37),
+    "p0.1_scale_below_2_to_the_minus_256": (0.1, 10_000, 1.0, 1.0),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", ["clip_by_norm", "clip_by_global_norm"])
+@pytest.mark.parametrize("case", sorted(WIDE_ROOT_CASES))
+def test_p_norms_up_to_1_past_the_float32_range(case, name, jit):
+    ord, n, value, threshold = WIDE_ROOT_CASES[case]
+    grads = {"a": jnp.full((n,), value, jnp.float32).at[0].set(value / 2),
+             "b": jnp.full((3,), value / 4, jnp.float32)}
+    tx = getattr(oc, name)(threshold, ord=ord)
+    update = jax.jit(tx.update) if jit else tx.update
+    out, state = update(grads, tx.init(grads))
+
+    def log2_norm(leaves):  # float64, in logs: the norms here pass even float64's range
+        x = np.concatenate([np.abs(np.asarray(v, np.float64)).ravel() for v in leaves])
+        largest = x.max()
+        return math.log2(largest) + math.log2(np.sum((x / largest) ** ord)) / ord
+
+    for key, g in grads.items():
+        group = list(grads.values()) if name == "clip_by_global_norm" else [g]
+        log2_scale = min(0.0, math.log2(threshold) - log2_norm(group))
+        x = np.asarray(g, np.float64)
+        want = np.sign(x) * np.exp2(np.log2(np.abs(x)) + log2_scale)
+        got = np.asarray(out[key], np.float64)
+        assert np.all(np.isfinite(got)), (key, got[:3])
+        assert np.all(np.abs(got) <= np.abs(x)), key
+        normal = np.abs(want) >= float(jnp.finfo(jnp.float32).tiny)
+        np.testing.assert_allclose(got[normal], want[normal], rtol=2e-5, err_msg=key)
+        # Below the normal range: as exact as a float32 subnormal, or flushed where the
+        # exact scale is below threshold * 2^-256 (every such output is below 2^-128 t).
+        flushed = log2_scale < -256
+        tolerance = threshold * 2.0**-128 if flushed else float(jnp.finfo(jnp.float32).tiny)
+        np.testing.assert_array_less(np.abs(got[~normal] - want[~normal]), tolerance)
+        recorded = state.stats.norm[key] if name == "clip_by_norm" else state.stats.norm
+        if log2_norm(group) >= 128:
+            assert float(recorded) == math.inf, key
+        else:
+            np.testing.assert_allclose(float(recorded), 2.0 ** log2_norm(group), rtol=2e-5)
