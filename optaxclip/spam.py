@@ -225,6 +225,21 @@ def _reset_moments(inner_state: Any, now: Array) -> Any:
     return jax.tree.map(reset, inner_state, is_leaf=is_moment_node)
 
 
+_COUNT_MAX = jnp.iinfo(jnp.int32).max  # where optax.safe_increment holds the count
+
+
+def reset_due(count: Array, steps_since_reset: Array, reset_interval: int) -> Array:
+    """Whether the moments reset before this update: steps ``T, 2T, ...`` (from 1).
+
+    ``count % T == T - 1`` while the int32 step count runs. Once it has saturated
+    at 2^31 - 1 it no longer moves, and the test would be frozen (true on every
+    step for a ``T`` that divides 2^31, false for good otherwise): the steps since
+    the last reset, which equal ``count % T`` while both run, take over.
+    """
+    running = count < _COUNT_MAX
+    return jnp.where(running, count % reset_interval, steps_since_reset) == reset_interval - 1
+
+
 def warmup_factor(steps_since_reset: Array, warmup_steps: int) -> Array:
     """The cosine ramp after a reset: 0.01 on the reset step, rising to 1 at ``warmup_steps``.
 
@@ -393,8 +408,7 @@ def spam(
         state = jax.tree.map(jnp.asarray, state)
         inner_state, stats = state.inner_state, state.spam
         if reset_interval is not None:
-            # Steps reset_interval, 2 reset_interval, ... (from 1); no overflow near 2^31.
-            now = state.count % reset_interval == reset_interval - 1
+            now = reset_due(state.count, stats.steps_since_reset, reset_interval)
             inner_state = _reset_moments(inner_state, now)
             since = jnp.where(now, 0, optax.safe_increment(stats.steps_since_reset))
             resets = jnp.where(now, optax.safe_increment(stats.num_resets), stats.num_resets)

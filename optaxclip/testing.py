@@ -791,7 +791,10 @@ def assert_moment_clip_contracts(
     out, new_state = run_update(tx, grads, state, params, mode, **extra)
     host = jax.device_get(state)
     count = int(host.count)
-    reset = spec.reset_interval is not None and count % spec.reset_interval == (
+    # The reset steps T, 2T, ...; past a saturated int32 count, every T steps since
+    # the last reset.
+    position = count if count < 2**31 - 1 else int(host.spam.steps_since_reset)
+    reset = spec.reset_interval is not None and position % spec.reset_interval == (
         spec.reset_interval - 1)
     before = _np_reset(host.inner_state) if reset else host.inner_state
     leaves, treedef = jax.tree.flatten(grads)

@@ -182,3 +182,25 @@ def test_spike_counts_are_exact_beyond_float32_integers(shape):
         got = count(mask, every_other, ~mask)
         assert [int(c) for c in got] == [size, (size + 1) // 2, 0]
         assert all(c.dtype == jnp.int32 for c in got)
+
+
+@pytest.mark.parametrize("reset_interval", [4, 3])  # 4 divides 2^31, 3 does not
+def test_resets_keep_their_period_after_the_step_count_saturates(reset_interval):
+    # optax.safe_increment holds the int32 count at 2^31 - 1. The test count % T used
+    # to freeze there: a reset on every step for T = 4, and never again for T = 3.
+    params = jnp.zeros(3)
+    tx = oc.spam(optax.adam(0.1), reset_interval=reset_interval, warmup_steps=2)
+    start = 2**31 - 3
+    state = tx.init(params)
+    state = state._replace(count=jnp.asarray(start, jnp.int32),
+                           spam=state.spam._replace(
+                               steps_since_reset=jnp.asarray(start % reset_interval, jnp.int32)))
+    update = jax.jit(tx.update)
+    resets = []
+    for _ in range(13):
+        before = int(state.spam.num_resets)
+        _, state = update(jnp.array([1.0, -2.0, 0.5]), state, params)
+        resets.append(int(state.spam.num_resets) > before)
+    want = [(start + k) % reset_interval == reset_interval - 1 for k in range(13)]
+    assert resets == want
+    assert int(state.count) == 2**31 - 1
