@@ -20,6 +20,7 @@ from typing import Any, Union, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from optaxclip._norms import accumulation_dtype, is_float_leaf
@@ -32,6 +33,10 @@ def threshold_at(value: Threshold, count: Array) -> Array:
     """The threshold for step ``count`` as a float32 (or wider) scalar, clamped at 0."""
     if callable(value) and not hasattr(value, "dtype"):
         value = value(count)
+    if isinstance(value, (int, np.integer, np.ndarray)) and np.issubdtype(
+            np.asarray(value).dtype, np.integer):
+        # A host integer goes through float64: as jax's default int32, 2^32 wraps to 0.
+        value = np.asarray(value, np.float64)
     threshold = jnp.asarray(value)
     dtype = jnp.promote_types(
         threshold.dtype if jnp.issubdtype(threshold.dtype, jnp.floating) else jnp.float32,

@@ -119,7 +119,13 @@ def validate_threshold(value: Any, name: str) -> None:
     if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be a non-negative number, not a bool ({value!r}).")
     if _is_number(value):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ValueError(
+                f"{name} must be a number a float can hold; got an integer of "
+                f"{len(str(value))} digits. Pass {name}=math.inf to never clip."
+            ) from None
     elif hasattr(value, "dtype") and hasattr(value, "shape"):
         if np.shape(value) != ():
             raise ValueError(

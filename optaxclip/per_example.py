@@ -436,9 +436,7 @@ def clip_per_example(
         batch = sizes.pop() if sizes else 0
         # Held in at least float32 (float64 with jax_enable_x64), so float64
         # gradients get float64 scales; the stats record it as float32.
-        limit = jnp.asarray(max_norm)
-        limit = limit.astype(jnp.promote_types(limit.dtype, jnp.float32))
-        threshold = jnp.where(jnp.isnan(limit), jnp.nan, jnp.maximum(limit, 0))
+        threshold = _scaling.threshold_at(max_norm, state.count)  # clamped at 0; NaN stays
         if arrays and batch > 0:
             norms, scales, clipped = _example_scales(arrays, threshold, per_layer)
             norm_max, norm_median = jnp.max(norms), _median(norms)

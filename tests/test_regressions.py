@@ -804,3 +804,48 @@ def test_p_norms_up_to_1_past_the_float32_range(case, name, jit):
             assert float(recorded) == math.inf, key
         else:
             np.testing.assert_allclose(float(recorded), 2.0 ** log2_norm(group), rtol=2e-5)
+
+
+# 17. Integer thresholds past int32: a threshold went through jnp.asarray, which makes
+# a host integer jax's default int32, so np.int64(2**32) wrapped to 0 and zeroed
+# every gradient (stats recording threshold 0), np.int64(2**31 + 5) wrapped negative
+# (clamped to 0, the same), and a Python 10**10 raised OverflowError inside update().
+# Host integers now go through float64. An integer no float holds (10**400) is
+# refused at construction by name.
+THRESHOLD_FACTORIES = sorted(
+    name for name, info in oc.registered_factories().items()
+    if info.threshold is not None and info.kind in ("clipper", "preset"))
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", THRESHOLD_FACTORIES)
+def test_integer_thresholds_past_int32(name, jit):
+    info = oc.registered_factories()[name]
+    params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+    grads = jax.tree.map(lambda g: g * 1e6, GRADS)
+    outputs = []
+    for limit in (float(2**32), np.int64(2**32), np.uint64(2**32), 2**32,
+                  np.array(2**32, np.int64)):
+        tx = info.build(limit)
+        update = jax.jit(tx.update) if jit else tx.update
+        state = tx.init(params)
+        for _ in range(3):  # past the adaptive clippers' warmup
+            out, state = update(grads, state, params)
+        outputs.append(out)
+    for out in outputs[1:]:
+        for key in grads:
+            np.testing.assert_array_equal(np.asarray(out[key]), np.asarray(outputs[0][key]))
+    with pytest.raises(ValueError, match=info.threshold):
+        info.build(10**400)
+
+
+@pytest.mark.parametrize("limit", [np.int64(2**32), np.uint64(2**32), 2**32])
+def test_integer_per_example_thresholds_past_int32(limit):
+    examples = {"w": jnp.arange(12.0).reshape(4, 3) * 1e6, "b": jnp.ones((4, 2))}
+    reference = oc.clip_per_example(float(2**32))
+    want, _ = reference.update(examples, reference.init(None))
+    tx = oc.clip_per_example(limit)
+    got, state = jax.jit(tx.update)(examples, tx.init(None))
+    for key in examples:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+    assert float(oc.stats(state)["clip_per_example/threshold"]) == 2.0**32
