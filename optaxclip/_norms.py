@@ -168,6 +168,38 @@ def _max_magnitude(x: Array, axes: Any = None) -> Array:
     return jnp.max(_magnitude(x, accumulation_dtype(x.dtype)), axis=axes, initial=0)
 
 
+def _divisor_base(x: Array, axes: Any = None) -> Array:
+    """The largest magnitude, or for complex ``x`` the largest of ``|x / 2|``.
+
+    The modulus of finite complex entries can pass the largest float (3e38 + 3e38j
+    has modulus 4.2e38); half of it cannot. Used where a norm divides by its
+    maximum, which only has to be finite and near the largest entry.
+    """
+    if jnp.iscomplexobj(x):
+        return _max_magnitude(_multiplied(x, jnp.asarray(0.5, accumulation_dtype(x.dtype)),
+                                          accumulation_dtype(x.dtype)), axes)
+    return _max_magnitude(x, axes)
+
+
+def _max_parts(x: Array, axes: Any, axis_name: AxisName) -> tuple[Array, Array]:
+    """The inf-norm ``max |x|`` over ``axes`` as ``(root, multiplier)`` parts.
+
+    ``(max |x|, 1)``; for finite complex entries whose modulus passes the largest
+    float, ``(2, max |x / 2|)``, so the parts stay finite (see ``_norm``).
+    """
+    largest = _pmax(_power_sum(x, math.inf, axes), axis_name)
+    if not jnp.iscomplexobj(x):
+        return largest, jnp.ones_like(largest)
+    return _overflowed_max_parts(largest, _pmax(_divisor_base(x, axes), axis_name))
+
+
+def _overflowed_max_parts(largest: Array, half: Array) -> tuple[Array, Array]:
+    """``(largest, 1)``, or ``(2, half)`` where ``largest`` overflowed and ``half`` did not."""
+    over = jnp.isposinf(largest) & jnp.isfinite(half)
+    return jnp.where(over, 2, largest).astype(largest.dtype), jnp.where(
+        over, half, 1).astype(largest.dtype)
+
+
 def _root(power_sum: Array, p: float) -> Array:
     """``power_sum ** (1/p)`` with a finite derivative at zero."""
     if p in (1, math.inf):
@@ -584,7 +616,19 @@ def global_norm_parts(
     if not leaves:
         return jnp.zeros([], acc), one
     if p == math.inf:
-        return _pmax(jnp.max(jnp.stack(_global_sums(leaves, p))), axis_name), one
+        real = [x for x in leaves if not jnp.iscomplexobj(x)]
+        complex_ = [x for x in leaves if jnp.iscomplexobj(x)]
+        largest = _pmax(jnp.max(jnp.stack(_global_sums(leaves, p))), axis_name)
+        if not complex_:
+            return largest, one
+        # Finite complex entries can have a modulus past the largest float: then the
+        # parts are (2, max |x / 2|), unless a real entry is inf.
+        real_finite = jnp.isfinite(_pmax(jnp.max(jnp.stack(
+            _global_sums(real, p) if real else [jnp.zeros([], acc)])), axis_name))
+        half = _pmax(jnp.max(jnp.stack([_divisor_base(x).astype(acc) for x in complex_])),
+                     axis_name)
+        half = jnp.where(real_finite, half, jnp.inf).astype(acc)
+        return _overflowed_max_parts(largest, half)
     return _global_guarded(p, axis_name)(leaves)
 
 
@@ -658,8 +702,9 @@ def _wide_root_parts(power_sum: Array, multiplier: Array, p: float) -> tuple[Arr
 
 
 def _rescued_part(x: Array, p: float, axes: Any, acc: Any) -> tuple[Array, Array]:
-    """``(max|x|, sum (|x| / max|x|)^p)`` over ``axes``, both in ``acc``."""
-    largest = _max_magnitude(x, axes).astype(acc)
+    """``(m, sum (|x| / m)^p)`` over ``axes``, both in ``acc``: ``m`` is ``max|x|``
+    (``max|x / 2|`` for complex ``x``, see ``_divisor_base``)."""
+    largest = _divisor_base(x, axes).astype(acc)
     divisor = _safe_divisor(largest)
     if axes is not None:
         divisor = jnp.expand_dims(divisor, axes)
@@ -852,8 +897,7 @@ def unit_norm_parts(
         return []
     axes = tuple(_normal_axes(a, x.ndim) for a, x in zip(axes, xs))
     if p == math.inf:
-        return [(s, jnp.ones_like(s))
-                for s in _pmax([_power_sum(x, p, a) for x, a in zip(xs, axes)], axis_name)]
+        return [_max_parts(x, a, axis_name) for x, a in zip(xs, axes)]
     return _unit_guarded(p, axis_name, axes)(xs)
 
 
@@ -896,7 +940,7 @@ def _unit_guarded(p: float, axis_name: AxisName, axes: tuple[Any, ...]) -> Calla
     def by_maximum(s: Array, x: Array, a: Any) -> tuple[Array, Array]:
         del s
         acc = accumulation_dtype(x.dtype)
-        largest = _pmax(_max_magnitude(x, a).astype(acc), axis_name)
+        largest = _pmax(_divisor_base(x, a).astype(acc), axis_name)
         divisor = _safe_divisor(largest)
         if a is not None:
             divisor = jnp.expand_dims(divisor, a)

@@ -36,8 +36,9 @@ def threshold_at(value: Threshold, count: Array) -> Array:
     if isinstance(value, (int, np.integer, np.ndarray)) and np.issubdtype(
             np.asarray(value).dtype, np.integer):
         # A host integer goes through float64: as jax's default int32, 2^32 wraps to 0.
-        value = np.asarray(value, np.float64)
-    threshold = jnp.asarray(value)
+        threshold = jnp.asarray(np.asarray(value, np.float64))
+    else:
+        threshold = jnp.asarray(value)
     dtype = jnp.promote_types(
         threshold.dtype if jnp.issubdtype(threshold.dtype, jnp.floating) else jnp.float32,
         jnp.float32,

@@ -849,3 +849,41 @@ def test_integer_per_example_thresholds_past_int32(limit):
     for key in examples:
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
     assert float(oc.stats(state)["clip_per_example/threshold"]) == 2.0**32
+
+
+# 18. Finite complex entries whose modulus passes float32's largest value (3e38 + 3e38j
+# has modulus 4.2e38). For p > 2, p < 1 and inf the norm divided by, or was, the
+# largest modulus, which is inf for such entries, so clip_by_norm / clip_by_global_norm
+# returned NaN everywhere for finite input (p <= 2 took the power-of-two rescue and
+# was right). The maximum is now taken of |z / 2| where it divides
+# (_norms._divisor_base), and the inf-norm of such entries is kept as the parts
+# (2, max |z / 2|).
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", ["clip_by_norm", "clip_by_global_norm"])
+@pytest.mark.parametrize("ord", [0.5, 1.0, 1.5, 2.0, 3.0, 7.5, math.inf])
+def test_complex_moduli_past_the_float32_range(ord, name, jit):
+    grads = {"z": jnp.array([3e38 + 3e38j, 1e38 - 2e38j, 1.0 + 0j], jnp.complex64),
+             "r": jnp.array([2e38, -1.0], jnp.float32)}
+    tx = getattr(oc, name)(1.0, ord=ord)
+    update = jax.jit(tx.update) if jit else tx.update
+    out, _ = update(grads, tx.init(grads))
+
+    def norm(leaves):  # float64; the moduli fit, the p-norms are taken by the maximum
+        m = np.concatenate([np.abs(np.asarray(v, np.complex128)).ravel() for v in leaves])
+        if ord == math.inf:
+            return m.max()
+        return m.max() * np.sum((m / m.max()) ** ord) ** (1 / ord)
+
+    for key, g in grads.items():
+        group = list(grads.values()) if name == "clip_by_global_norm" else [g]
+        want = np.asarray(g, np.complex128) / norm(group)
+        got = np.asarray(out[key], np.complex128)
+        assert np.all(np.isfinite(got)), (key, got)
+        big = np.abs(want) > 1e-30
+        np.testing.assert_allclose(got[big], want[big], rtol=2e-6, err_msg=key)
+        np.testing.assert_array_less(np.abs(got[~big]), 1e-30)
+
+    # A real inf entry beside them is non-finite input: NaN, as for any inf entry.
+    with_inf = {**grads, "r": jnp.array([jnp.inf, -1.0], jnp.float32)}
+    out, _ = update(with_inf, tx.init(with_inf))
+    assert np.all(np.isnan(np.asarray(out["r"])))
