@@ -327,7 +327,7 @@ def _initial_norm(spec: ClipSpec, params: Any) -> Any:
 
     def zeros(x: Any) -> Array:
         if not is_float_leaf(x):
-            return jnp.zeros([], jnp.float32)
+            return jnp.zeros([0], jnp.float32)  # no entries to measure (see measure_parts)
         return unit_zeros(spec, x, _norms.accumulation_dtype(x.dtype))
 
     return jax.tree.map(zeros, params)
@@ -423,7 +423,9 @@ def measure_parts(spec: ClipSpec, updates: Any) -> tuple[Any, Any]:
     arrays = [jnp.asarray(leaves[i]) for i in positions]
     axes = [reduced_axes(spec, tuple(x.shape)) for x in arrays]
     found = _norms.unit_norm_parts(arrays, spec.ord, axes, spec.axis_name)
-    out: list[Any] = [jnp.zeros([], jnp.float32) for _ in leaves]
+    # A leaf that is not a float has no entries to measure: its record holds none, so
+    # the summaries (largest norm, clipped_fraction) leave it out, as the norms do.
+    out: list[Any] = [jnp.zeros([0], jnp.float32) for _ in leaves]
     parts: list[Any] = [None for _ in leaves]
     for i, x, a, (root, multiplier) in zip(positions, arrays, axes, found):
         if spec.rms:

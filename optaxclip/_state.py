@@ -178,11 +178,13 @@ def _per_leaf(record: ClipStats, has_scale: bool, layered: bool = False) -> dict
     flags = jax.tree.leaves(record.was_clipped())
     for index, (path, norm) in enumerate(norm_entries):
         key = f"leaves/{_leaf_key(path)}"
-        out[f"{key}/norm"] = jnp.max(jnp.asarray(norm))
+        # A leaf without entries (a (5, 0) kernel's units; a leaf that is not a
+        # float) reports norm 0, no limit, scale 1, not clipped.
+        out[f"{key}/norm"] = jnp.max(jnp.asarray(norm), initial=0)
         if thresholds is not None:
-            out[f"{key}/threshold"] = jnp.min(jnp.asarray(thresholds[index]))
+            out[f"{key}/threshold"] = jnp.min(jnp.asarray(thresholds[index]), initial=jnp.inf)
         if scales is not None:
-            out[f"{key}/scale"] = jnp.min(jnp.asarray(scales[index]))
+            out[f"{key}/scale"] = jnp.min(jnp.asarray(scales[index]), initial=1)
         out[f"{key}/clipped"] = jnp.any(jnp.asarray(flags[index]))
         if layered and jnp.ndim(norm) >= 1:
             out.update(_per_layer(key, index, norm, thresholds, scales, flags))
@@ -236,9 +238,10 @@ def stats(opt_state: Any, *, per_leaf: bool = False) -> dict[str, Array]:
     Fields: ``norm`` (pre-clip), ``threshold``, ``scale`` (the factor applied;
     not for ``clip_by_value``, which applies none) and ``clipped``. Per-leaf and
     unit-wise clippers report the largest norm as ``norm``, the smallest scale,
-    ``clipped`` (any) and ``clipped_fraction``; their limits as ``threshold``
-    when one limit serves every leaf, else as ``threshold_min`` and
-    ``threshold_max``. ``per_leaf=True`` adds ``leaves/<leaf path>/<field>``
+    ``clipped`` (any) and ``clipped_fraction`` (of the float leaves, or of the
+    units; leaves that are not floats are left out, as they are from the norms);
+    their limits as ``threshold`` when one limit serves every leaf, else as
+    ``threshold_min`` and ``threshold_max``. ``per_leaf=True`` adds ``leaves/<leaf path>/<field>``
     entries (no key is both a value and a prefix of another key, so
     ``flax.traverse_util.unflatten_dict(stats, sep="/")`` works).
 

@@ -179,7 +179,11 @@ def adagc(
         relative = _scaling.threshold_at(lambda_rel, state.count)
         over = total > absolute
         limits, new_gammas = [], []
-        for norm_i, gamma, fraction in zip(leaves, gammas, fractions):
+        for norm_i, gamma, fraction, pair in zip(leaves, gammas, fractions, parts):
+            if pair is None:  # not a float: no entries, no limit, its gamma kept
+                limits.append(jnp.full_like(norm_i, jnp.inf))
+                new_gammas.append(gamma)
+                continue
             dtype = jnp.promote_types(norm_i.dtype, gamma.dtype)
             norm_i, gamma = norm_i.astype(dtype), gamma.astype(dtype)
             # The global warmup clip, as each tensor's share of the budget; a

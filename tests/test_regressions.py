@@ -887,3 +887,46 @@ def test_complex_moduli_past_the_float32_range(ord, name, jit):
     with_inf = {**grads, "r": jnp.array([jnp.inf, -1.0], jnp.float32)}
     out, _ = update(with_inf, tx.init(with_inf))
     assert np.all(np.isnan(np.asarray(out["r"])))
+
+
+# 19. Per-leaf and unit-wise stats counted the leaves that are not floats (an integer
+# step counter, a float0 gradient from jax.grad(allow_int=True)): such a leaf was
+# recorded as a norm of 0 that was not clipped, so clipped_fraction read 2/3 with
+# every float leaf clipped, and AGC's and AdaGC's placeholder limits (inf,
+# lambda_abs) showed as threshold_max. Such a leaf's record now holds no entries.
+PER_LEAF_STATS = {
+    "clip_by_norm": lambda: oc.clip_by_norm(1.0),
+    "clip_by_block_rms": lambda: oc.clip_by_block_rms(0.5),
+    "adaptive_grad_clip": lambda: oc.adaptive_grad_clip(0.01),
+    "adagc": lambda: oc.adagc(lambda_abs=1.0, warmup_steps=1),
+    "clip_update_rms": lambda: oc.clip_update_rms(0.5),
+    "monitor_norm": lambda: oc.monitor_norm(per_leaf=True),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", sorted(PER_LEAF_STATS))
+def test_per_leaf_stats_leave_out_leaves_that_are_not_floats(name, jit):
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2), "step": jnp.zeros((), jnp.int32)}
+
+    def loss(p):
+        return 10.0 * (jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)) + 0 * p["step"]
+
+    grads = jax.grad(loss, allow_int=True)(params)  # "step" gets a float0 gradient
+    floats_only = {k: v for k, v in grads.items() if k != "step"}
+    tx = PER_LEAF_STATS[name]()
+    update = jax.jit(tx.update) if jit else tx.update
+    state, reference = tx.init(params), tx.init({k: params[k] for k in floats_only})
+    for _ in range(3):
+        out, state = update(grads, state, params)
+        _, reference = update(floats_only, reference, {k: params[k] for k in floats_only})
+    got, want = oc.stats(state), oc.stats(reference)
+    assert got.keys() == want.keys()
+    for key in want:  # every summary as if the leaf were not there
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+    # The state keeps init's shapes (a scan carry or a donated buffer needs them).
+    shapes = lambda s: [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(s)]
+    assert shapes(state) == shapes(tx.init(params))
+    per_leaf = oc.stats(state, per_leaf=True)
+    step = [key for key in per_leaf if "/step/" in key]
+    assert step and all(not bool(per_leaf[key]) for key in step if key.endswith("/clipped"))
