@@ -306,7 +306,22 @@ def _pmax(x: Any, axis_name: AxisName) -> Any:
     """
     if axis_name is None:
         return x
-    return jax.tree.map(lambda v: _reduce_over(lax.pmax, v, reduction_axes(v, axis_name)), x)
+    return jax.tree.map(
+        lambda v: _reduce_over(_pmax_keeping_nan, v, reduction_axes(v, axis_name)), x)
+
+
+def _pmax_keeping_nan(x: Array, axes: Any) -> Array:
+    """``lax.pmax`` that returns NaN where any shard's value is NaN.
+
+    XLA's maximum across devices drops NaN (the CPU backend returned another
+    shard's finite value), so a NaN entry on one shard would vanish from a
+    sharded maximum norm.
+    """
+    largest = lax.pmax(x, axes)
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        return largest
+    nan = lax.pmax(jnp.isnan(x).astype(jnp.int32), axes) > 0
+    return jnp.where(nan, jnp.asarray(jnp.nan, largest.dtype), largest)
 
 
 def _reduce_over(collective: Callable, x: Array, axes: AxisName) -> Array:

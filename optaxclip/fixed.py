@@ -86,7 +86,9 @@ class ClipByBlockRmsState(NamedTuple):
 
 
 @register_factory(threshold="max_delta", limit_is_threshold=True)
-def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs:
+def clip_by_value(
+    max_delta: Threshold, *, axis_name: AxisName = None
+) -> optax.GradientTransformationExtraArgs:
     """Clips every entry to ``[-max_delta, max_delta]``.
 
     ``out_i = clip(g_i, -max_delta, max_delta)``, element-wise, in each leaf's dtype.
@@ -142,6 +144,10 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
     Args:
       max_delta: the largest magnitude allowed: a float, a scalar array, or a
         schedule of the step count.
+      axis_name: under ``shard_map``/``pmap``, the axis name (or names) the
+        gradients are split over. The clamp is entry by entry either way; the name
+        makes the stats (``norm``, ``clipped``) those of the whole tree, the same
+        on every shard, rather than each shard's own.
 
     Returns:
       The clipper; its state is ``ClipByValueState(count, stats)``.
@@ -156,7 +162,8 @@ def clip_by_value(max_delta: Threshold) -> optax.GradientTransformationExtraArgs
     References:
       Mikolov, "Statistical Language Models Based on Neural Networks", PhD thesis, 2012.
     """
-    spec = ClipSpec("clip_by_value", scope="element", ord=float("inf"))
+    spec = ClipSpec("clip_by_value", scope="element", ord=float("inf"),
+                    axis_name=validate_axis_name(axis_name))
     return make_clipper(spec, fixed_threshold(max_delta, "max_delta"), state_cls=ClipByValueState)
 
 
