@@ -139,6 +139,9 @@ def clip_by_value(
                                   a NaN part keeps the entry NaN
       ``max_delta`` above the     finite entries untouched; ``inf`` entries go
       dtype's largest value       to the dtype's largest value (fp16: 65504)
+      ``max_delta`` beyond        identity, ``inf`` entries too: the threshold
+      float32's range (1e39;      is kept in float32, where it is ``inf``
+      float64 under x64)          (torch refuses such a value for the dtype)
       ==========================  ============================================
 
     Args:
