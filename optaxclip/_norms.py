@@ -317,11 +317,11 @@ def _pmax_keeping_nan(x: Array, axes: Any) -> Array:
     shard's finite value), so a NaN entry on one shard would vanish from a
     sharded maximum norm.
     """
-    largest = lax.pmax(x, axes)
     if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-        return largest
-    nan = lax.pmax(jnp.isnan(x).astype(jnp.int32), axes) > 0
-    return jnp.where(nan, jnp.asarray(jnp.nan, largest.dtype), largest)
+        return lax.pmax(x, axes)
+    # One collective: the values and their NaN flags side by side.
+    largest, nan = lax.pmax(jnp.stack([x, jnp.isnan(x).astype(x.dtype)]), axes)
+    return jnp.where(nan > 0, jnp.asarray(jnp.nan, largest.dtype), largest)
 
 
 def _reduce_over(collective: Callable, x: Array, axes: AxisName) -> Array:
