@@ -39,7 +39,7 @@ import optax
 from jax import lax
 
 import optaxclip
-from optaxclip import _norms, _scaling, _state
+from optaxclip import _norms, _scaling, _shards, _state
 from optaxclip.fixed import ClipByGlobalNormState
 
 Array = jax.Array
@@ -147,7 +147,7 @@ def norm_unguarded(leaves: list[Array]) -> Array:
     is no design to adopt: next to ``norm_library`` it measures what the rescue's
     conditional costs, which on a GPU includes reading its predicate on the host.
     """
-    total = _norms._psum_total(_norms._global_sums(leaves, 2.0), None)
+    total = _shards._psum_total(_norms._global_sums(leaves, 2.0), None)
     return _norms._root(total, 2.0)
 
 

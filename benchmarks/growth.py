@@ -12,7 +12,7 @@ XLA:CPU; points where its predicted compile time is over ``OPTAX_COMPILE_LIMIT_S
 (from the two previous points) are not run for optax and say so.
 
 Where the small leaves hold more than the library's packing cap
-(``_norms._PACK_TOTAL`` entries per dtype), the leaf sweep also runs
+(``_packing._PACK_TOTAL`` entries per dtype), the leaf sweep also runs
 ``optaxclip`` with the cap raised to ``RAISED_CAP`` ("optaxclip, cap 2^24"):
 the measurement behind keeping or raising the cap.
 """
@@ -34,7 +34,7 @@ import optax
 
 import optaxclip
 from benchmarks import packing, suites, timing, trees
-from optaxclip import _norms
+from optaxclip import _packing
 
 TOTAL_ENTRIES = 1_280_000
 OPTAX_COMPILE_LIMIT_S = 150.0
@@ -71,7 +71,7 @@ def leaf_shape(total: int, count: int) -> tuple[int, ...]:
 def _packed_entries(shapes: trees.Shapes) -> int:
     """Entries in leaves small enough to be packed (all f32 here)."""
     sizes = [math.prod(s) for s in shapes.values()]
-    return sum(n for n in sizes if n < _norms._PACK_BELOW)
+    return sum(n for n in sizes if n < _packing._PACK_BELOW)
 
 
 def _point(shapes: trees.Shapes, repeats: int, with_optax: bool,
@@ -80,11 +80,11 @@ def _point(shapes: trees.Shapes, repeats: int, with_optax: bool,
     txs = {"optaxclip": (optaxclip.clip_by_global_norm, None)}
     if with_optax:
         txs["optax"] = (optax.clip_by_global_norm, None)
-    if with_raised and _packed_entries(shapes) > _norms._PACK_TOTAL:
+    if with_raised and _packed_entries(shapes) > _packing._PACK_TOTAL:
         txs[RAISED] = (optaxclip.clip_by_global_norm, RAISED_CAP)
     contenders, compile_s, memory = {}, {}, {}
     for name, (factory, cap) in txs.items():
-        settings = (packing.packing(_norms._PACK_BELOW, _norms._PACK_LEAVES, cap)
+        settings = (packing.packing(_packing._PACK_BELOW, _packing._PACK_LEAVES, cap)
                     if cap else contextlib.nullcontext())
         with settings:  # read at trace time, i.e. inside _Clip's compile
             start = time.perf_counter()

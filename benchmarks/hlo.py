@@ -2,12 +2,12 @@
 
 ``analyse(compiled.as_text())`` tags every HLO instruction by where it came
 from, using the op names JAX writes (``transpose(jvp(...))`` is the backward
-pass) and the stack frames in the HLO's metadata (``_norms.py`` is optaxclip's
-norm, optax's ``tree.norm`` is optax's, ``scale_by_adam`` and
-``apply_updates`` are Adam). A kernel, one instruction of the entry
-computation, carries the tags of everything fused into it. Kernels inside a
-conditional's branches (the overflow rescue) are not counted: they run only
-when their branch is taken.
+pass) and the stack frames in the HLO's metadata (``_norms.py``, with
+``_packing.py`` and ``_shards.py``, is optaxclip's norm, optax's ``tree.norm``
+is optax's, ``scale_by_adam`` and ``apply_updates`` are Adam). A kernel, one
+instruction of the entry computation, carries the tags of everything fused into
+it. Kernels inside a conditional's branches (the overflow rescue) are not
+counted: they run only when their branch is taken.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def _tags(op_name: str, chain: list[tuple[str, str]]) -> set[str]:
         tags.add("backward")
     elif "jvp(" in op_name:
         tags.add("forward")
-    if "optaxclip/_norms.py" in files or ("_tree_math.py" in files and "norm" in functions):
+    norm_files = ("optaxclip/_norms.py", "optaxclip/_packing.py", "optaxclip/_shards.py")
+    if any(f in files for f in norm_files) or ("_tree_math.py" in files and "norm" in functions):
         tags.add("norm")
     if "optaxclip/_scaling.py" in files and "apply_scale" in functions:
         tags.add("scale")

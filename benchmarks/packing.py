@@ -1,6 +1,6 @@
 """How small a leaf must be for packing to pay: the packing limit and chunk size, measured.
 
-``optaxclip._norms`` packs leaves under ``_PACK_BELOW`` entries into chunks of at
+``optaxclip._packing`` packs leaves under ``_PACK_BELOW`` entries into chunks of at
 most ``_PACK_LEAVES`` leaves and reduces each chunk as one array. On XLA:CPU
 (jax 0.10) every packed chunk is a copy (the reduction kernels read only
 materialised buffers), so packing trades a copy of the small leaves for fewer
@@ -21,7 +21,7 @@ import optax
 
 import optaxclip
 from benchmarks import suites, timing, trees
-from optaxclip import _norms
+from optaxclip import _packing
 
 # (label, pack limit in entries, leaves per chunk, most entries packed per dtype);
 # limit 0 turns packing off (the rescue branch packs the same way as the fast path).
@@ -38,12 +38,12 @@ SETTINGS = (
 @contextlib.contextmanager
 def packing(limit: int, chunk: int, total: int = UNCAPPED) -> Iterator[None]:
     """Temporarily sets the norm core's packing parameters (read at trace time)."""
-    saved = _norms._PACK_BELOW, _norms._PACK_LEAVES, _norms._PACK_TOTAL
-    _norms._PACK_BELOW, _norms._PACK_LEAVES, _norms._PACK_TOTAL = limit, chunk, total
+    saved = _packing._PACK_BELOW, _packing._PACK_LEAVES, _packing._PACK_TOTAL
+    _packing._PACK_BELOW, _packing._PACK_LEAVES, _packing._PACK_TOTAL = limit, chunk, total
     try:
         yield
     finally:
-        _norms._PACK_BELOW, _norms._PACK_LEAVES, _norms._PACK_TOTAL = saved
+        _packing._PACK_BELOW, _packing._PACK_LEAVES, _packing._PACK_TOTAL = saved
 
 
 def sweep(tree_shapes: dict[str, trees.Shapes], repeats: int,

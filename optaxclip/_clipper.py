@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optaxclip import _norms, _scaling, _spec, _validate
+from optaxclip import _norms, _scaling, _shards, _spec, _validate
 from optaxclip._norms import is_float_leaf
 from optaxclip._spec import ClipSpec
 from optaxclip._state import ClipStats
@@ -391,7 +391,7 @@ def _root_count(counts: list[tuple[int, Any]], axis_name: Any) -> Array:
     """
     total = 0
     for count, x in counts:
-        axes = _norms.reduction_axes(x, axis_name)
+        axes = _shards.reduction_axes(x, axis_name)
         total = total + (lax.psum(count, axes) if axes is not None else count)
     return jnp.sqrt(jnp.maximum(jnp.asarray(total, jnp.float32), 1))
 
@@ -656,9 +656,9 @@ def _clip_entries(spec: ClipSpec, updates: Any, norm: Array | None, threshold: A
         widest = _norms._widest([jnp.asarray(x) for x in _norms._float_leaves(updates)])
         norm = jnp.max(jnp.stack([m.astype(widest) for m in maxima]), initial=0) if maxima \
             else jnp.zeros([], widest)
-        norm = _norms._pmax(norm, spec.axis_name)
+        norm = _shards._pmax(norm, spec.axis_name)
     if spec.axis_name is not None:
-        clipped = _norms._pmax(clipped.astype(jnp.int32), spec.axis_name) > 0
+        clipped = _shards._pmax(clipped.astype(jnp.int32), spec.axis_name) > 0
     return out, ClipStats(norm=norm, threshold=threshold, clipped=clipped)
 
 

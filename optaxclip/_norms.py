@@ -8,8 +8,9 @@ norms, and unit-wise norms over chosen axes. The rules are the same everywhere:
 * The fast path is a single read of each leaf: a sum of p-th powers. When that
   sum overflowed or underflowed (``1e20 ** 2`` is ``inf`` in float32), a
   ``lax.cond`` recomputes it scaled by the largest magnitude. That second pass
-  only runs on such input, so ordinary steps pay for one read. Orders 1 and
-  ``inf`` cannot overflow before the true norm does and never take it.
+  only runs on such input, so ordinary steps pay for one read. Order ``inf``
+  never takes it. For ``p < 1`` the root, not the sum, can overflow, and the
+  norm is then kept as two finite parts (see ``_wide_root_parts``).
 * Complex entries count by their modulus. ``None`` and ``optax.MaskedNode``
   leaves are skipped, and so are integer, boolean and ``float0`` leaves: they
   carry no gradient signal.
@@ -19,7 +20,8 @@ norms, and unit-wise norms over chosen axes. The rules are the same everywhere:
   across shards, so the norm covers the whole sharded tree. Under
   ``shard_map`` with replication checking each leaf is reduced only over the
   axes it is split along, so a leaf replicated over some of them is counted
-  once (see "Reducing across shards" below).
+  once (see ``optaxclip._shards``). Small leaves are packed into chunks for the
+  global and per-example norms (``optaxclip._packing``).
 * Subnormal entries (below ``1.2e-38`` in float32) count as 0: XLA flushes them
   to zero on CPU and GPU before any rescaling can rescue them. Every normal
   float, however small or large, is handled.
@@ -36,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from optaxclip._packing import _joined_rows, _reduced_packed
+from optaxclip._shards import _pmax, _psum, _psum_total
 from optaxclip._validate import AxisName, validate_axis_name, validate_ord
 
 Array = jax.Array
@@ -237,113 +241,6 @@ def _safe_divisor(max_magnitude: Array) -> Array:
     return jnp.where(usable, max_magnitude, 1)
 
 
-# --- Reducing across shards ----------------------------------------------------
-#
-# Under ``shard_map`` with replication checking (``check_vma=True``, the
-# default) every value's type says which mesh axes it varies along. A leaf
-# sharded over ``model`` and replicated over ``data`` holds the same partial
-# sum on every ``data`` shard: summing it over ``("data", "model")`` would count
-# each of its entries once per ``data`` shard. So each partial sum is reduced
-# over the axes of ``axis_name`` it varies along only, and partial sums that
-# vary differently are reduced separately and then added. Without replication
-# checking (``check_vma=False``, ``pmap``, ``vmap`` axis names) types carry no
-# such information and every value is reduced over all of ``axis_name``: the
-# caller says the gradients are split over all of those axes.
-
-
-def _varying(x: Any) -> frozenset | None:
-    """The manual mesh axes ``x`` varies along, from its type; None if not recorded."""
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)  # jax 0.6 to 0.9
-    if vma is None:
-        vma = getattr(getattr(aval, "mat", None), "varying", None)  # jax 0.10
-    return None if vma is None else frozenset(vma)
-
-
-def _names(axis_name: AxisName) -> tuple[Any, ...]:
-    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
-
-
-def _replication_checked(axis_name: AxisName) -> bool:
-    """Whether values' types record how they vary along ``axis_name`` (check_vma=True).
-
-    The axis index varies along its own axis exactly when replication checking
-    is on; it is traced only to read its type, and unused, so it compiles to nothing.
-    """
-    try:
-        varying = _varying(lax.axis_index(_names(axis_name)))
-    except (NameError, TypeError, ValueError):
-        return False
-    return varying is not None and set(_names(axis_name)) <= varying
-
-
-def reduction_axes(x: Any, axis_name: AxisName) -> AxisName:
-    """The axes of ``axis_name`` a partial reduction ``x`` is summed over (None: none).
-
-    All of ``axis_name`` unless replication checking shows ``x`` is the same on
-    some of them (see above).
-    """
-    if axis_name is None or not _replication_checked(axis_name):
-        return axis_name
-    varying = _varying(x) or frozenset()
-    kept = tuple(name for name in _names(axis_name) if name in varying)
-    return kept or None
-
-
-def _psum(x: Any, axis_name: AxisName) -> Any:
-    """``lax.psum`` of each array in ``x`` over the axes it varies along."""
-    if axis_name is None:
-        return x
-    return jax.tree.map(lambda v: _reduce_over(lax.psum, v, reduction_axes(v, axis_name)), x)
-
-
-def _pmax(x: Any, axis_name: AxisName) -> Any:
-    """``lax.pmax`` of each array in ``x`` over the axes it varies along.
-
-    A maximum counts nothing twice, so a value that mixes leaves of different
-    variation needs no grouping; reducing over axes it does not vary along is
-    only refused by replication checking.
-    """
-    if axis_name is None:
-        return x
-    return jax.tree.map(
-        lambda v: _reduce_over(_pmax_keeping_nan, v, reduction_axes(v, axis_name)), x)
-
-
-def _pmax_keeping_nan(x: Array, axes: Any) -> Array:
-    """``lax.pmax`` that returns NaN where any shard's value is NaN.
-
-    XLA's maximum across devices drops NaN (the CPU backend returned another
-    shard's finite value), so a NaN entry on one shard would vanish from a
-    sharded maximum norm.
-    """
-    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-        return lax.pmax(x, axes)
-    # One collective: the values and their NaN flags side by side.
-    largest, nan = lax.pmax(jnp.stack([x, jnp.isnan(x).astype(x.dtype)]), axes)
-    return jnp.where(nan > 0, jnp.asarray(jnp.nan, largest.dtype), largest)
-
-
-def _reduce_over(collective: Callable, x: Array, axes: AxisName) -> Array:
-    return x if axes is None else collective(x, axes)
-
-
-def _psum_total(partial_sums: Sequence[Array], axis_name: AxisName) -> Array:
-    """``sum_i partial_sums[i]`` summed across shards, each over the axes it varies along.
-
-    Partial sums that vary along the same axes are added first and reduced by
-    one collective, so a tree whose leaves are all sharded alike (or the
-    unchecked case) costs one ``psum``, as a single sum would.
-    """
-    groups: dict[Any, list[Array]] = {}
-    for x in partial_sums:
-        key = None if axis_name is None else reduction_axes(x, axis_name)
-        groups.setdefault(key, []).append(x)
-    totals = [_reduce_over(lax.psum, jnp.sum(jnp.stack(group), axis=0), axes)
-              for axes, group in groups.items()]
-    return functools.reduce(jnp.add, totals)
-
-
 @jax.custom_batching.custom_vmap
 def _all_trusted(sums: Any) -> Array:
     """Whether every power sum in ``sums`` is trusted: one boolean, also under vmap."""
@@ -450,125 +347,6 @@ def _unscaled(scaled_power_sum: Array, factor: Array, p: float) -> Array:
     return jnp.where(
         jnp.isnan(scaled_power_sum), scaled_power_sum, _root(scaled_power_sum, p) / factor
     )
-
-
-# --- Packing leaves ------------------------------------------------------------
-#
-# XLA compiles and launches one kernel per reduction, so a tree of thousands of
-# leaves costs thousands of kernels per pass; on CPU each takes about a
-# millisecond to compile. For the global and per-example norms (one result for
-# the whole tree) leaves are therefore joined, raveled and concatenated, and
-# reduced together: leaves under _PACK_BELOW entries (8 KiB of float32), at most
-# _PACK_LEAVES per chunk. On XLA:CPU the join is a copy (its reduction kernels
-# read materialised buffers only), so packing pays only where a leaf's own
-# kernel would be launch-bound. The first _PACK_TOTAL entries (4 MiB) of a dtype
-# go to free chunks, which XLA may fill all at once; the chunks after them are
-# chained, each joined only once the one before is reduced (see
-# _reduced_packed). The leaves past the cap used to be reduced one by one, and
-# thousands of separate reductions compile in superlinear time: 20,000 leaves
-# of 8x8 took over 14 minutes, chained 5. A fused concatenation (GPU)
-# looks up each entry's source per entry, a cost that grows with the leaves in
-# a chunk: hence the chunks. The rescue branch joins the same way.
-#
-# The joins happen where the sums are taken, never on the cond's operands (an
-# operand would be materialised on every step). Per-leaf and unit-wise norms
-# are not joined (see _unit_guarded). Measurements: benchmarks/RESULTS.md
-# ("packing").
-_PACK_BELOW = 2**11
-_PACK_LEAVES = 256
-_PACK_TOTAL = 2**20
-
-
-def _unsharded(x: Array) -> bool:
-    """False for leaves whose type carries a sharding (Explicit mesh axes).
-
-    Concatenating leaves sharded in different ways would force a reshard, so
-    those are reduced one by one.
-    """
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    return spec is None or all(axis is None for axis in spec)
-
-
-def _layout(
-    xs: Sequence[Array], key: Callable[[int], Any]
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Indices of ``xs`` reduced together, as ``(free, chained)`` lists of chunks.
-
-    Arrays under ``_PACK_BELOW`` entries with equal ``key(index)`` fill chunks of
-    at most ``_PACK_LEAVES`` in order. While fewer than ``_PACK_TOTAL`` entries of
-    a key are packed, its chunks are free: XLA may join them all at once. Past
-    that, its chunks are chained: each is joined only after the previous chunk of
-    its key is reduced, so they need not be live together. The other arrays are
-    alone (free).
-    """
-    packed: dict[Any, list[int]] = {}
-    queued: dict[Any, list[int]] = {}
-    packed_entries: dict[Any, int] = {}
-    free: list[list[int]] = []
-    for i, x in enumerate(xs):
-        if not (0 < x.size < _PACK_BELOW and _unsharded(x)):
-            free.append([i])
-            continue
-        k = key(i)
-        if packed_entries.get(k, 0) + x.size <= _PACK_TOTAL:
-            packed.setdefault(k, []).append(i)
-            packed_entries[k] = packed_entries.get(k, 0) + x.size
-        else:
-            queued.setdefault(k, []).append(i)
-
-    def chunks(groups: dict[Any, list[int]]) -> list[list[int]]:
-        return [ix[i:i + _PACK_LEAVES] for ix in groups.values()
-                for i in range(0, len(ix), _PACK_LEAVES)]
-
-    return free + chunks(packed), chunks(queued)
-
-
-def _pack_key(x: Array) -> Any:
-    """Leaves joined in one chunk share a dtype and how they vary across shards.
-
-    Joining a replicated leaf with a sharded one would make the chunk vary along
-    the sharded leaf's axes, and its entries would be counted once per shard.
-    """
-    return x.dtype, _varying(x)
-
-
-def _joined(xs: Sequence[Array]) -> Array:
-    """One global chunk: the arrays raveled and concatenated."""
-    return jnp.concatenate([jnp.ravel(x) for x in xs])
-
-
-def _joined_rows(xs: Sequence[Array]) -> Array:
-    """One per-example chunk: ``[B, ...]`` arrays joined as ``[B, n]`` rows."""
-    return jnp.concatenate([x.reshape(x.shape[0], -1) for x in xs], axis=1)
-
-
-def _reduced_packed(
-    leaves: Sequence[Array], reduce: Callable[[Array], Any], join: Callable = _joined
-) -> list[Any]:
-    """``reduce`` of every chunk of ``leaves`` (see ``_layout``), one result per chunk.
-
-    A chained chunk is joined behind an optimization barrier with the previous
-    result of its key (see ``_pack_key``), so no schedule has to hold the joins of
-    all chained chunks at once. XLA:CPU's buffer plan does not show that bound
-    (its temporaries measured the same within the chained leaves' size either way:
-    benchmarks/RESULTS.md, sections 3 and 6); what the chunks buy there is compile
-    time. Under ``jax.vmap``, ``jax.grad`` and ``shard_map`` the barrier only
-    orders; it changes no value.
-    """
-    free, chained = _layout(leaves, lambda i: _pack_key(leaves[i]))
-    results = []
-    # The barrier pairs chunks of one key: under shard_map its outputs vary along
-    # every axis any operand varies along, so a replicated chunk ordered after a
-    # sharded one would be counted once per shard.
-    last: dict[Any, Any] = {}
-    for is_chained, c in [(False, c) for c in free] + [(True, c) for c in chained]:
-        xs, key = [leaves[i] for i in c], _pack_key(leaves[c[0]])
-        if is_chained and key in last:
-            xs, _ = lax.optimization_barrier((xs, last[key]))
-        last[key] = reduce(xs[0] if len(xs) == 1 else join(xs))
-        results.append(last[key])
-    return results
 
 
 # --- Global norm ---------------------------------------------------------------

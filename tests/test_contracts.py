@@ -39,7 +39,7 @@ from jax.experimental import checkify
 
 import optaxclip as oc
 import optaxclip.testing as contracts
-from optaxclip import _clipper, _norms
+from optaxclip import _clipper, _norms, _packing
 
 FACTORIES = oc.registered_factories()
 CLIPPERS = sorted(name for name, info in FACTORIES.items() if info.kind == "clipper")
@@ -358,13 +358,13 @@ GLOBAL_SCOPE = sorted(name for name in CLIPPERS if _scope(name) == "global")
 def test_clipper_contracts_past_the_packing_cap(name, case):
     # The norms' cond branches are cached functions, and lax.cond caches their traces
     # by identity: fresh ones before and after keep the small cap's traces to this test.
-    saved = _norms._PACK_TOTAL, _norms._PACK_LEAVES
+    saved = _packing._PACK_TOTAL, _packing._PACK_LEAVES
     _norms._global_guarded.cache_clear()
-    _norms._PACK_TOTAL, _norms._PACK_LEAVES = 4, 2
+    _packing._PACK_TOTAL, _packing._PACK_LEAVES = 4, 2
     try:
         _run_clipper_case(name, case)
     finally:
-        _norms._PACK_TOTAL, _norms._PACK_LEAVES = saved
+        _packing._PACK_TOTAL, _packing._PACK_LEAVES = saved
         _norms._global_guarded.cache_clear()
 
 

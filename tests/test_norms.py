@@ -11,7 +11,7 @@ import pytest
 
 import optaxclip as oc
 import optaxclip.testing
-from optaxclip import _norms, _scaling
+from optaxclip import _norms, _packing, _scaling
 
 ORDERS = [1, 2, math.inf, 3.0, 0.5]
 
@@ -535,10 +535,10 @@ def test_leaves_past_the_packing_cap_cost_no_more_hlo_than_packed_ones(
     packed freely or past the cap; reduced one by one, past the cap it cost 63 (20,000
     leaves of 8x8 did not compile in 14 minutes)."""
     tx = oc.clip_by_global_norm(1.0)
-    monkeypatch.setattr(_norms, "_PACK_TOTAL", 64)  # one 8x8 leaf: the rest are chained
+    monkeypatch.setattr(_packing, "_PACK_TOTAL", 64)  # one 8x8 leaf: the rest are chained
     past_cap = (_optimized_lines(tx, 120) - _optimized_lines(tx, 60)) / 60
     assert past_cap < 30, past_cap
-    free, chained = _norms._layout([jnp.zeros((8, 8))] * 600, lambda i: None)
+    free, chained = _packing._layout([jnp.zeros((8, 8))] * 600, lambda i: None)
     assert [len(c) for c in free] == [1]
     assert [len(c) for c in chained] == [256, 256, 87]
 
@@ -550,7 +550,7 @@ def _small_leaves(seed: int, scale: float) -> list:
     rng = np.random.default_rng(seed)
     leaves = [jnp.asarray(rng.normal(size=(int(n), 3)) * scale, (jnp.float32, jnp.bfloat16)[i % 2])
               for i, n in enumerate(shapes)]
-    return leaves + [jnp.asarray(rng.normal(size=(_norms._PACK_BELOW,)) * scale, jnp.float32)]
+    return leaves + [jnp.asarray(rng.normal(size=(_packing._PACK_BELOW,)) * scale, jnp.float32)]
 
 
 @pytest.mark.parametrize("ord", ORDERS)
@@ -559,14 +559,15 @@ def test_chained_chunks_match_the_float64_reference(monkeypatch, fresh_norm_bran
     chained chunks of both dtypes: the global norm (its fast path, and its rescue for
     sums that overflow or underflow float32), its gradient, and the per-example norm,
     eager and under jit and vmap, against float64."""
-    monkeypatch.setattr(_norms, "_PACK_TOTAL", 40)
-    monkeypatch.setattr(_norms, "_PACK_LEAVES", 8)
+    monkeypatch.setattr(_packing, "_PACK_TOTAL", 40)
+    monkeypatch.setattr(_packing, "_PACK_LEAVES", 8)
     jitted = jax.jit(lambda t: oc.global_norm(t, ord))
     batched = jax.jit(lambda t: _norms.batched_global_norm(t, ord))
     vmapped = jax.jit(jax.vmap(lambda t: oc.global_norm(t, ord)))
     for seed, scale in enumerate([1.0, 3e18, 1e-25]):
         leaves = _small_leaves(seed, scale)
-        free, chained = _norms._layout(leaves, lambda i, leaves=leaves: _norms._pack_key(leaves[i]))
+        free, chained = _packing._layout(
+            leaves, lambda i, leaves=leaves: _packing._pack_key(leaves[i]))
         assert len(chained) >= 8 and len(free) >= 3
         want = np_global_norm([np.asarray(x, np.float64) for x in leaves], ord)
         np.testing.assert_allclose(float(jitted(leaves)), want, rtol=2e-6)
@@ -595,8 +596,8 @@ def test_chained_chunks_of_replicated_and_sharded_leaves_under_shard_map(
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    monkeypatch.setattr(_norms, "_PACK_TOTAL", 4)
-    monkeypatch.setattr(_norms, "_PACK_LEAVES", 2)
+    monkeypatch.setattr(_packing, "_PACK_TOTAL", 4)
+    monkeypatch.setattr(_packing, "_PACK_LEAVES", 2)
     mesh = jax.make_mesh((4,), ("d",), devices=jax.devices()[:4])
     rng = np.random.default_rng(3)
     norm = jax.jit(jax.shard_map(

@@ -391,7 +391,7 @@ def test_global_norm_with_axis_name(case):
 
 
 # ord=inf reduces by a maximum across shards, which in XLA drops NaN: a NaN on one
-# shard left the others clipped by a finite norm until _norms._pmax kept it.
+# shard left the others clipped by a finite norm until _shards._pmax kept it.
 @pytest.mark.parametrize("ord", [None, math.inf, 3.0])
 @pytest.mark.parametrize("case", CASES)
 def test_clip_by_global_norm_with_axis_name(case, ord):
