@@ -276,6 +276,18 @@ def _first_example(x: Any) -> Any:
 # ---------------------------------------------------------------- the transformation
 
 
+def _key_from_seed(seed: int) -> Array:
+    """A PRNG key for a 64-bit ``seed``, distinct for every seed, with or without x64.
+
+    ``jax.random.key`` keeps the low 32 bits without x64 (2^32 and 0 gave the same
+    noise, and so did -1 and 2^32 - 1). Seeds in ``[0, 2^32)`` keep that key; any
+    other seed folds its high 32 bits into the key of its low 32 bits.
+    """
+    low, high = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    key = jax.random.key(low)
+    return key if 0 <= seed < 2**32 else jax.random.fold_in(key, high)
+
+
 @register_factory(kind="per_example", threshold="max_norm")
 def clip_per_example(
     max_norm: float | Array,
@@ -347,8 +359,13 @@ def clip_per_example(
       ``max_norm = inf``              plain mean / sum of the examples
       NaN / inf in an example         every entry NaN; ``norm_max`` NaN / inf
                                       (at ``max_norm = inf``: the plain mean /
-                                      sum, the NaN / inf included)
-      ``B = 0`` (no examples)         zeros (plus noise for ``"sum"``)
+                                      sum, the NaN / inf included); with
+                                      ``per_layer``, every entry of that
+                                      layer (leaf): the others keep their
+                                      clipped finite sums
+      ``B = 0`` (no examples)         zeros, plus noise of std ``sigma C``
+                                      (not divided: there is no ``B``) for
+                                      either ``reduce``
       bf16 / fp16 gradients           norms and sum in float32, rounded down
       float64 gradients (x64)         ``max_norm``, norms and scales in float64
       ``None`` / ``MaskedNode``       passed through
@@ -403,20 +420,21 @@ def clip_per_example(
         noise_multiplier, "noise_multiplier", low=0.0, high=math.inf, high_open=True,
         hint="Use noise_multiplier=0.0 for no noise.",
     )
-    if noise_multiplier > 0 and not is_traced(max_norm) and not hasattr(max_norm, "dtype") and (
-        not math.isfinite(float(max_norm))
-    ):
+    if noise_multiplier > 0 and not is_traced(max_norm) and not math.isfinite(
+            float(np.asarray(max_norm, np.float64))):
         raise ValueError(
             "noise_multiplier > 0 needs a finite max_norm: the noise is scaled by the "
             f"sensitivity max_norm, and max_norm={max_norm!r} bounds nothing."
         )
     seed = validate_int(seed, "seed", minimum=-(2**63))
+    if seed >= 2**63:
+        raise ValueError(f"seed must be a 64-bit int, below 2**63; got {seed!r}.")
 
     def init_fn(params: Any) -> ClipPerExampleState:
         del params
         zero = jnp.zeros([], jnp.float32)
         stats = PerExampleStats(zero, zero, zero, zero, zero)
-        key = jax.random.key_data(jax.random.key(seed))
+        key = jax.random.key_data(_key_from_seed(seed))
         return ClipPerExampleState(jnp.zeros([], jnp.int32), key, stats)
 
     def update_fn(updates: Any, state: Any, params: Any = None,

@@ -435,3 +435,30 @@ def test_per_layer_norm_max_does_not_overflow_below_float32s_max():
         norms, _, _ = jax.jit(per_example._example_scales, static_argnums=2)(
             layers, jnp.asarray(1e300, jnp.float64), True)
         np.testing.assert_allclose(np.asarray(norms), [math.sqrt(2) * 1e300], rtol=1e-12)
+
+
+@pytest.mark.parametrize("max_norm", [np.float64(np.inf), np.float32(np.inf), np.array(np.inf),
+                                      jnp.array(jnp.inf), float("inf")])
+def test_noise_with_an_infinite_max_norm_is_refused_in_every_static_form(max_norm):
+    # Only a Python float was refused: a numpy or jax inf gave an all-inf output.
+    with pytest.raises(ValueError, match="finite max_norm"):
+        oc.clip_per_example(max_norm, noise_multiplier=1.0)
+
+
+def test_every_64_bit_seed_gives_its_own_noise():
+    # jax.random.key keeps the low 32 bits without x64: 0, 2**32 and -2**63 shared
+    # one noise stream, and 2**63 failed in init with an OverflowError.
+    grads = {"w": jnp.zeros((2, 3))}
+
+    def noise(seed):
+        tx = oc.clip_per_example(1.0, noise_multiplier=1.0, seed=seed)
+        return np.asarray(tx.update(grads, tx.init(None))[0]["w"])
+
+    seeds = [0, 1, 2**32, 2**32 + 1, -1, 2**32 - 1, -(2**63), 2**63 - 1]
+    draws = [noise(seed) for seed in seeds]
+    for i in range(len(seeds)):
+        for j in range(i):
+            assert not np.array_equal(draws[i], draws[j]), (seeds[i], seeds[j])
+    np.testing.assert_array_equal(noise(7), noise(np.int64(7)))  # and stable
+    with pytest.raises(ValueError, match="seed"):
+        oc.clip_per_example(1.0, seed=2**63)
