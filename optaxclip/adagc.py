@@ -192,14 +192,18 @@ def adagc(
             share = jnp.where(over & (norm_i > 0), share, absolute)
             share = jnp.where(jnp.isnan(fraction), jnp.nan, share)
             use_relative = ~in_warmup & jnp.isfinite(gamma)
-            limit = jnp.where(use_relative, relative * gamma, share).astype(dtype)
+            # lambda_rel = inf is no limit, also where gamma has decayed to 0 (inf * 0).
+            relative_limit = jnp.where(relative == jnp.inf, jnp.inf, relative * gamma)
+            limit = jnp.where(use_relative, relative_limit, share).astype(dtype)
             scale, _ = _scaling.scale_factor(norm_i, limit, strict_nonfinite=True)
             clipped_norm = norm_i * scale
             observed = jnp.isfinite(clipped_norm) & (clipped_norm > 0)
             ema = beta * gamma + (1 - beta) * clipped_norm
             running_min = jnp.where(observed, jnp.minimum(gamma, clipped_norm), gamma)
             new_gammas.append(jnp.where(
-                use_relative, jnp.where(jnp.isfinite(norm_i), ema, gamma), running_min
+                # A step whose clipped norm is not finite (a NaN limit from a schedule,
+                # NaN or inf entries) leaves gamma as it was.
+                use_relative, jnp.where(jnp.isfinite(clipped_norm), ema, gamma), running_min
             ))
             limits.append(limit)
         fields = {

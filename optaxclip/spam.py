@@ -154,7 +154,9 @@ def _counts(*masks: Array) -> tuple[Array, ...]:
     zero = jnp.zeros([], jnp.float32)
     sums = lax.reduce(flags, (zero,) * len(flags),
                       lambda a, b: tuple(x + y for x, y in zip(a, b)), axes)
-    return tuple(jnp.sum(c.astype(jnp.int32)) for c in sums)
+    # dtype= keeps int32 under x64 too (a plain sum of int32 widens to int64 there,
+    # and the state's counts would change dtype after init).
+    return tuple(jnp.sum(c.astype(jnp.int32), dtype=jnp.int32) for c in sums)
 
 
 def clip_spikes(

@@ -271,9 +271,9 @@ def adagc_ref(seq, *, lambda_rel, lambda_abs, beta, warmup_steps):
         for k, g in grads.items():
             use_relative = not in_warmup and math.isfinite(gamma[k])
             if use_relative:
-                limit = lambda_rel * gamma[k]
+                limit = math.inf if lambda_rel == math.inf else lambda_rel * gamma[k]
                 scale = scale_ref(norms[k], limit)
-                if math.isfinite(norms[k]):
+                if math.isfinite(norms[k] * scale):
                     gamma[k] = beta * gamma[k] + (1 - beta) * norms[k] * scale
                 limits.append(limit)
             else:

@@ -930,3 +930,70 @@ def test_per_leaf_stats_leave_out_leaves_that_are_not_floats(name, jit):
     per_leaf = oc.stats(state, per_leaf=True)
     step = [key for key in per_leaf if "/step/" in key]
     assert step and all(not bool(per_leaf[key]) for key in step if key.endswith("/clipped"))
+
+
+# 20. AdaGC after a tensor's gamma decayed to 0 (zero gradients after warmup): with
+# lambda_rel = inf its limit was inf * 0 = NaN, so its next finite gradients came out
+# NaN (documented: the identity after warmup) and gamma turned NaN, sending the
+# tensor back to the warmup rule for good. A lambda_rel schedule that was NaN for one
+# step did the same. The limit of lambda_rel = inf is inf, and a step whose clipped
+# norm is not finite leaves gamma as it was.
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_adagc_gamma_survives_zero_gradients_and_a_nan_limit(jit):
+    params = {"a": jnp.zeros(3), "b": jnp.zeros(2)}
+    warm = {"a": jnp.array([1.0, 2.0, 2.0]), "b": jnp.array([0.5, 0.5])}
+    idle = {"a": jnp.zeros(3), "b": jnp.array([0.5, 0.5])}
+    tx = oc.adagc(lambda_rel=math.inf, beta=0.0, warmup_steps=1)
+    update = jax.jit(tx.update) if jit else tx.update
+    state = tx.init(params)
+    for grads in (warm, idle):
+        _, state = update(grads, state)
+    assert float(state.gamma["a"]) == 0.0
+    out, state = update(warm, state)
+    np.testing.assert_array_equal(np.asarray(out["a"]), [1.0, 2.0, 2.0])
+    assert float(state.gamma["a"]) == 3.0
+
+    # lambda_rel NaN on step 3 only: that step is NaN, gamma is kept, later steps clip
+    # against it as before.
+    tx = oc.adagc(lambda_rel=lambda count: jnp.where(count == 3, jnp.nan, 1.05), beta=0.9,
+                  warmup_steps=1)
+    update = jax.jit(tx.update) if jit else tx.update
+    state = tx.init(params)
+    gammas = []
+    for step in range(6):
+        out, state = update(warm, state)
+        gammas.append(float(state.gamma["a"]))
+        assert np.all(np.isnan(np.asarray(out["a"]))) == (step == 3), step
+    assert gammas[3] == gammas[2] and math.isfinite(gammas[5]), gammas
+
+
+# 21. Under x64, spam's spike counts widened from int32 to int64 after the first update
+# (a plain jnp.sum of int32 gives int64 there), so a lax.scan over its state failed
+# and a jitted step retraced. Every registered transformation's state keeps init's
+# dtypes and shapes under x64, for float32 and float64 trees.
+def _x64_build(info):
+    if info.kind in ("guard", "moment_clipper"):
+        return info.build(inner=optax.adam(1e-3))
+    return info.build(*([1.0] if info.threshold else []))
+
+
+X64_LAYOUT = sorted(name for name, info in oc.registered_factories().items()
+                    if info.kind in ("clipper", "guard", "moment_clipper"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", X64_LAYOUT)
+def test_state_layout_is_stable_under_x64(name, dtype):
+    with jax.enable_x64(True):
+        params = {"w": jnp.ones((4, 3), dtype), "b": jnp.ones(3, dtype)}
+        grads = {"w": jnp.full((4, 3), 50.0, dtype), "b": jnp.array([1.0, -2.0, 3e3], dtype)}
+        tx = _x64_build(oc.registered_factories()[name])
+        state = tx.init(params)
+
+        def step(state, g):
+            _, state = tx.update(g, state, params)
+            return state, None
+
+        final, _ = jax.lax.scan(step, state, jax.tree.map(lambda g: jnp.stack([g, g * 3]), grads))
+        layout = lambda s: [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(s)]
+        assert layout(final) == layout(state)
