@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from optaxclip import _norms
 from optaxclip._clipper import (
@@ -165,12 +166,20 @@ def adaptive_grad_clip(
         positions = [i for i, p in enumerate(param_leaves) if is_float_leaf(p)]
         weights = [jnp.asarray(param_leaves[i]) for i in positions]
         axes = [reduced_axes(spec, tuple(w.shape)) for w in weights]
-        weight_norms = _norms.unit_norms(weights, 2, axes=axes, axis_name=spec.axis_name)
+        weight_parts = _norms.unit_norm_parts(weights, 2, axes, spec.axis_name)
         limits = [jnp.full_like(n, jnp.inf) for n in grad_leaves]
-        for i, weight_norm in zip(positions, weight_norms):
+        for i, (root, multiplier) in zip(positions, weight_parts):
             # ratio inf means no limit, also for zero weights with eps = 0 (inf * 0).
             # NaN weights give a NaN limit, which poisons that unit's output.
+            weight_norm = _norms._norm(root, multiplier)
             limit = ratio * jnp.maximum(weight_norm, eps)
+            # A unit's weight norm past float32's range (finite weights near 3e38): the
+            # limit from its parts, ratio * multiplier first (the barrier keeps XLA from
+            # multiplying the parts back into the norm that overflowed).
+            overflowed = jnp.isposinf(weight_norm) & jnp.isfinite(root) & jnp.isfinite(
+                multiplier)
+            from_parts = lax.optimization_barrier(ratio * multiplier) * root
+            limit = jnp.where(overflowed, from_parts.astype(limit.dtype), limit)
             limits[i] = jnp.where(ratio == jnp.inf, jnp.inf, limit).astype(grad_leaves[i].dtype)
         return treedef.unflatten(limits), {}
 

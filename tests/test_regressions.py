@@ -997,3 +997,23 @@ def test_state_layout_is_stable_under_x64(name, dtype):
         final, _ = jax.lax.scan(step, state, jax.tree.map(lambda g: jnp.stack([g, g * 3]), grads))
         layout = lambda s: [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(s)]
         assert layout(final) == layout(state)
+
+
+# 22. AGC's limit for a unit whose weight norm passes float32's range (a kernel of
+# finite weights near 2e38): the weight norm overflowed to inf, so the limit was inf
+# and gradients far above clipping * ||W_u|| passed unclipped. The limit now comes
+# from the weight norm's finite parts.
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_agc_limits_from_weight_norms_past_float32(dtype, jit):
+    params = {"k": jnp.full((4, 2), 2e38, dtype)}  # each column's norm is 4e38
+    grads = {"k": jnp.full((4, 2), 1e37, dtype)}  # each column's norm is 2e37
+    tx = oc.adaptive_grad_clip(0.01)
+    update = jax.jit(tx.update) if jit else tx.update
+    out, state = update(grads, tx.init(params), params)
+    weight_norm = np.linalg.norm(np.asarray(params["k"], np.float64), axis=0)
+    np.testing.assert_allclose(np.asarray(state.stats.threshold["k"], np.float64),
+                               0.01 * weight_norm, rtol=1e-6)
+    columns = np.linalg.norm(np.asarray(out["k"], np.float64), axis=0)
+    assert np.all(columns <= 0.01 * weight_norm * (1 + 1e-6)), columns
+    np.testing.assert_allclose(columns, 0.01 * weight_norm, rtol=1e-2)  # bf16 rounds down
