@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optaxclip import _norms, _scaling, _shards, _spec, _validate
+from optaxclip import _history, _norms, _scaling, _shards, _spec, _validate
 from optaxclip._norms import is_float_leaf
 from optaxclip._spec import ClipSpec
 from optaxclip._state import ClipStats
@@ -321,9 +321,7 @@ def _per_leaf(spec: ClipSpec) -> bool:
 
 def _initial_norm(spec: ClipSpec, params: Any) -> Any:
     if not _per_leaf(spec):
-        leaves = [x for x in jax.tree.leaves(params) if is_float_leaf(x)]
-        dtype = _norms._widest([jnp.asarray(x) if not hasattr(x, "dtype") else x for x in leaves])
-        return jnp.zeros([], dtype)
+        return jnp.zeros([], _history.dtype_for(params))
 
     def zeros(x: Any) -> Array:
         if not is_float_leaf(x):

@@ -28,13 +28,18 @@ def dtype_for(params: Any) -> Any:
     """The dtype statistics of these parameters' norms are kept in.
 
     float32, or float64 when a parameter is float64 (x64), so a finite float64
-    norm above float32's range stays finite in the clipper's state.
+    norm above float32's range stays finite in the clipper's state. Without
+    float parameters to go by (``tx.init(None)``, as the examples write it),
+    float64 under x64: the gradients may be float64 there, and a float32 state
+    would record their norm of 1e200 as inf.
     """
+    floats = [x for x in jax.tree.leaves(params) if is_float_leaf(x)]
+    if not floats:
+        return jnp.promote_types(jnp.float32, jnp.result_type(float))
     dtype = jnp.float32
-    for x in jax.tree.leaves(params):
-        if is_float_leaf(x):
-            leaf_dtype = getattr(x, "dtype", None) or jnp.result_type(x)
-            dtype = jnp.promote_types(dtype, accumulation_dtype(leaf_dtype))
+    for x in floats:
+        leaf_dtype = getattr(x, "dtype", None) or jnp.result_type(x)
+        dtype = jnp.promote_types(dtype, accumulation_dtype(leaf_dtype))
     return dtype
 
 

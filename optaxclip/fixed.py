@@ -352,7 +352,9 @@ def clip_by_block_rms(
       input                        output
       ===========================  ============================================
       zero leaf / empty leaf       unchanged; finite ``jax.grad``
-      RMS exactly ``threshold``    the leaf, untouched
+      RMS ``<= threshold``         the leaf, untouched, as computed: the
+                                   float32 RMS can round 1 ulp above an
+                                   exact one (then a scale of ``1 - 2^-24``)
       ``threshold = 0``            zeros
       ``threshold = inf``          identity
       NaN / inf in a leaf          that leaf all NaN; its stat NaN / inf

@@ -51,7 +51,10 @@ def clip_by_rms(
       input                      output
       =========================  ==============================================
       zero gradients / empty     zeros (unchanged); finite ``jax.grad``
-      RMS exactly ``max_rms``    untouched
+      RMS ``<= max_rms``         untouched, as computed: ``sqrt(sum x^2) /
+                                 sqrt(n)`` in float32 can round 1 ulp above
+                                 an exact RMS (``[0.1, 0.1]`` at ``0.1``),
+                                 and then scales by ``1 - 2^-24``
       ``max_rms = 0``            zeros
       ``max_rms = inf``          identity, also for non-finite gradients
       NaN / inf anywhere         every entry NaN; ``norm`` stat NaN / inf

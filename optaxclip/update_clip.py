@@ -102,7 +102,9 @@ def clip_update_rms(
       input                        output
       ===========================  ============================================
       zero leaf / empty leaf       unchanged; finite ``jax.grad``
-      RMS exactly ``max_rms``      the leaf, untouched
+      RMS ``<= max_rms``           the leaf, untouched, as computed: the
+                                   float32 RMS can round 1 ulp above an
+                                   exact one (then a scale of ``1 - 2^-24``)
       ``max_rms = 0``              zeros
       ``max_rms = inf``            identity, also for non-finite updates
       NaN / inf in a leaf          that leaf all NaN; its ``norm`` stat NaN /

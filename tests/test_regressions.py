@@ -1017,3 +1017,34 @@ def test_agc_limits_from_weight_norms_past_float32(dtype, jit):
     columns = np.linalg.norm(np.asarray(out["k"], np.float64), axis=0)
     assert np.all(columns <= 0.01 * weight_norm * (1 + 1e-6)), columns
     np.testing.assert_allclose(columns, 0.01 * weight_norm, rtol=1e-2)  # bf16 rounds down
+
+
+# 23. Under x64, a state made by tx.init(None) (as the docstring examples write it) was
+# float32, so a float64 gradient norm of 1.7e200 was recorded as inf (clip_by_global_norm
+# also recorded scale 0 while applying the right one) and autoclip's and
+# clip_update_norm's histories never recorded it. Without float parameters to go by,
+# the state is float64 under x64.
+INIT_NONE = {
+    "clip_by_global_norm": lambda: oc.clip_by_global_norm(1.0),
+    "autoclip": lambda: oc.autoclip(history=4),
+    "zclip": lambda: oc.zclip(warmup_steps=1),
+    "clip_update_norm": lambda: oc.clip_update_norm(window=4, min_history=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INIT_NONE))
+def test_float64_norms_in_a_state_initialised_without_params(name):
+    with jax.enable_x64(True):
+        tx = INIT_NONE[name]()
+        grads = {"w": jnp.full((3,), 1e200, jnp.float64)}
+        state = tx.init(None)
+        for _ in range(2):
+            _, state = jax.jit(tx.update)(grads, state)
+        norm = float(oc.stats(state)[f"{name}/norm"])
+        np.testing.assert_allclose(norm, math.sqrt(3) * 1e200, rtol=1e-12)
+        float_leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+        assert all(x.dtype == jnp.float64 for x in float_leaves), name
+        # float32 gradients keep the state's float64 layout.
+        _, again = jax.jit(tx.update)({"w": jnp.ones(3, jnp.float32)}, state)
+        layout = lambda s: [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(s)]
+        assert layout(again) == layout(state)
