@@ -412,7 +412,9 @@ def spam(
         if reset_interval is not None:
             now = reset_due(state.count, stats.steps_since_reset, reset_interval)
             inner_state = _reset_moments(inner_state, now)
-            since = jnp.where(now, 0, optax.safe_increment(stats.steps_since_reset))
+            # 0 on the first step, as without resets: steps since the start.
+            since = jnp.where(now | (state.count == 0), 0,
+                              optax.safe_increment(stats.steps_since_reset))
             resets = jnp.where(now, optax.safe_increment(stats.num_resets), stats.num_resets)
             scale = jnp.where(resets > 0, warmup_factor(since, warmup_steps), 1.0)
         else:

@@ -815,7 +815,7 @@ def assert_moment_clip_contracts(
                                            params, **extra)
     old = host.spam
     if spec.reset_interval is not None:
-        since = 0 if reset else int(old.steps_since_reset) + 1
+        since = 0 if reset or count == 0 else int(old.steps_since_reset) + 1
         resets = int(old.num_resets) + int(reset)
     else:
         since, resets = (int(old.steps_since_reset) + 1 if count > 0 else 0), int(old.num_resets)

@@ -204,3 +204,18 @@ def test_resets_keep_their_period_after_the_step_count_saturates(reset_interval)
     want = [(start + k) % reset_interval == reset_interval - 1 for k in range(13)]
     assert resets == want
     assert int(state.count) == 2**31 - 1
+
+
+def test_steps_since_reset_counts_alike_with_and_without_resets():
+    # With reset_interval it read 1, 2, 3 on the first steps; without, 0, 1, 2.
+    params = jnp.zeros(3)
+    seen = {}
+    for interval in (None, 4):
+        tx = oc.spam(optax.adam(0.1), reset_interval=interval)
+        state, since = tx.init(params), []
+        for _ in range(6):
+            _, state = tx.update(jnp.array([1.0, -2.0, 0.5]), state, params)
+            since.append(int(state.spam.steps_since_reset))
+        seen[interval] = since
+    assert seen[None] == [0, 1, 2, 3, 4, 5]
+    assert seen[4] == [0, 1, 2, 0, 1, 2]  # the moments reset before step 4
