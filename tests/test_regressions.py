@@ -820,9 +820,9 @@ THRESHOLD_FACTORIES = sorted(
     and info.factory.__module__.startswith("optaxclip."))
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("name", THRESHOLD_FACTORIES)
-def test_integer_thresholds_past_int32(name, jit):
+def test_integer_thresholds_past_int32(name):
+    # Jitted only: the threshold is read at trace time, in Python, either way.
     info = oc.registered_factories()[name]
     params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
     grads = jax.tree.map(lambda g: g * 1e6, GRADS)
@@ -830,7 +830,7 @@ def test_integer_thresholds_past_int32(name, jit):
     for limit in (float(2**32), np.int64(2**32), np.uint64(2**32), 2**32,
                   np.array(2**32, np.int64)):
         tx = info.build(limit)
-        update = jax.jit(tx.update) if jit else tx.update
+        update = jax.jit(tx.update)
         state = tx.init(params)
         for _ in range(3):  # past the adaptive clippers' warmup
             out, state = update(grads, state, params)
