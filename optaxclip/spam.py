@@ -236,7 +236,8 @@ def reset_due(count: Array, steps_since_reset: Array, reset_interval: int) -> Ar
     ``count % T == T - 1`` while the int32 step count runs. Once it has saturated
     at 2^31 - 1 it no longer moves, and the test would be frozen (true on every
     step for a ``T`` that divides 2^31, false for good otherwise): the steps since
-    the last reset, which equal ``count % T`` while both run, take over.
+    the last reset take over. From the first reset on (long before 2^31 steps for
+    any ``T`` that resets at all) they equal ``count % T`` before each update.
     """
     running = count < _COUNT_MAX
     return jnp.where(running, count % reset_interval, steps_since_reset) == reset_interval - 1
