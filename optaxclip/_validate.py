@@ -5,8 +5,9 @@ argument was wrong, what it was, and what to pass instead. Numbers may be Python
 numbers, numpy scalars (``np.float32(1.0)``, ``np.int64(3)``) or 0-d arrays;
 bools are refused wherever a number is expected.
 
-Hyperparameters that pick a code path or a buffer size (``ord``, ``history``,
-``window``, ``percentile`` ...) must be static. ``optax.inject_hyperparams``
+Hyperparameters read in Python when a transformation is built (``ord``,
+``history``, ``window``, ``percentile``, ``beta``, ``z`` ...) must be static: they
+pick a code path, a buffer size, or a constant of the update. ``optax.inject_hyperparams``
 turns every numeric argument into a traced array unless it is listed in
 ``static_args``, so a traced value gets a message that says exactly that.
 """
@@ -41,7 +42,8 @@ def is_traced(value: Any) -> bool:
 
 def _static_hint(name: str) -> str:
     return (
-        f"{name} must be static: it picks a code path or a buffer size. With "
+        f"{name} must be static: it is read once, in Python, when the "
+        f"transformation is built, so it cannot be a traced array. With "
         f"optax.inject_hyperparams, list it in static_args, e.g. "
         f"optax.inject_hyperparams(factory, static_args=('{name}',))(...)."
     )

@@ -189,9 +189,23 @@ def _counters(skip: Array, guard: Any) -> tuple[Array, Array]:
     )
 
 
-def _loss_value(extra_args: dict) -> Array | None:
+def _loss_value(extra_args: dict, axis_name: AxisName) -> Array | None:
+    """The ``loss`` extra argument as a float32 scalar, averaged over ``axis_name``.
+
+    Each shard passes its own loss; the mean over the axis (NaN and inf survive it)
+    makes the skip decision and the recorded loss the same on every shard. A loss
+    that is already the same on every shard comes back as it was, up to rounding.
+    """
     loss = extra_args.get("loss")
-    return None if loss is None else jnp.asarray(loss, jnp.float32).reshape(())
+    if loss is None:
+        return None
+    if jnp.size(loss) != 1:
+        raise ValueError(
+            f"loss must be a scalar (the step's mean loss); got an array of shape "
+            f"{jnp.shape(loss)}. Pass loss=jnp.mean(per_example_losses)."
+        )
+    loss = jnp.asarray(loss, jnp.float32).reshape(())
+    return loss if axis_name is None else lax.pmean(loss, axis_name)
 
 
 def _fresh(tree: Any) -> Any:
@@ -230,8 +244,8 @@ def skip_nonfinite(
         ``N``, the step after ``N`` consecutive skips is applied whatever it is
         (``optax.apply_if_finite`` semantics, opt-in);
       * no host callback or Python branch on traced values (jit/TPU friendly);
-        with ``axis_name`` the norm, hence the decision, is the same on every
-        shard.
+        with ``axis_name`` the norm and the mean loss, hence the decision, are
+        the same on every shard.
 
     Edge cases:
 
@@ -247,7 +261,8 @@ def skip_nonfinite(
       inner: the transformation to guard, e.g. ``optax.adam(1e-3)``.
       max_consecutive_skips: None (never apply a non-finite step) or N >= 0.
       axis_name: under ``shard_map``/``pmap``, the axis the gradients are
-        sharded over.
+        sharded over. The ``loss`` extra argument, if given, is averaged over
+        it, so a shard may pass its own local loss.
 
     Returns:
       The guarded transformation; its state is
@@ -283,7 +298,7 @@ def skip_nonfinite(
         state = jax.tree.map(jnp.asarray, state)
         norm = _norms.global_norm(updates, axis_name=axis_name)
         bad = ~jnp.isfinite(norm)
-        loss = _loss_value(extra_args)
+        loss = _loss_value(extra_args, axis_name)
         if loss is not None:
             bad = bad | ~jnp.isfinite(loss)
         skip = bad
@@ -354,7 +369,8 @@ def skip_on_spike(
       * a finite step under the threshold (or before ``min_history``) is exactly
         the inner update; the threshold used is in the stats;
       * fixed memory (two float32 buffers of ``window``); no host callback; with
-        ``axis_name`` the norm, hence the decision, is the same on every shard.
+        ``axis_name`` the norm and the mean loss, hence the decision, are the same
+        on every shard.
 
     Edge cases:
 
@@ -377,7 +393,8 @@ def skip_on_spike(
       max_consecutive_skips: after this many skips in a row, empty the windows
         and apply the next finite step (>= 1); None never does.
       axis_name: under ``shard_map``/``pmap``, the axis the gradients are
-        sharded over.
+        sharded over. The ``loss`` extra argument, if given, is averaged over
+        it (a shard may pass its own local loss), and the window records the mean.
 
     Returns:
       The guarded transformation; its state is
@@ -434,7 +451,7 @@ def skip_on_spike(
         threshold = _spike_threshold(norms, z, min_history)
         finite = jnp.isfinite(norm)
         skip = ~finite | (norm > threshold)
-        loss = _loss_value(extra_args)
+        loss = _loss_value(extra_args, axis_name)
         if loss is not None:
             loss_threshold = _spike_threshold(losses, z, min_history)
             finite = finite & jnp.isfinite(loss)

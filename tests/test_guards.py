@@ -151,6 +151,17 @@ def test_skip_nonfinite_skips_on_nan_loss_with_finite_grads():
     assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(out))
 
 
+@pytest.mark.parametrize("shape", [(4,), (2, 3), (0,)])
+@pytest.mark.parametrize("guard", [oc.skip_nonfinite, oc.skip_on_spike])
+def test_a_loss_that_is_not_a_scalar_is_refused_by_name(guard, shape):
+    tx = guard(optax.sgd(1.0))
+    state = tx.init(PARAMS)
+    with pytest.raises(ValueError, match=r"loss must be a scalar.*jnp\.mean"):
+        tx.update(GRADS[0], state, PARAMS, loss=jnp.ones(shape))
+    # A one-entry array is a scalar loss.
+    tx.update(GRADS[0], state, PARAMS, loss=jnp.ones((1, 1)))
+
+
 @pytest.mark.parametrize("max_skips", [None, 1])
 def test_skip_nonfinite_never_lets_nan_through_unless_asked(max_skips):
     tx = oc.skip_nonfinite(optax.sgd(1.0), max_consecutive_skips=max_skips)

@@ -499,6 +499,49 @@ def test_guard_decision_is_the_same_on_every_shard(guard, bad):
             assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(updates))
 
 
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("guard", sorted(GUARD_BUILDERS))
+def test_guard_averages_each_shards_loss(guard, seed):
+    """Each shard passes its own local loss: the decision is the mean loss's, everywhere.
+
+    Before, the loss was not reduced over ``axis_name``: a NaN on one shard's loss
+    skipped that shard's step while the others applied theirs, and the replicas'
+    optimizer states drifted apart.
+    """
+    rng = np.random.default_rng(seed)
+    finite = _grads_8("finite")
+    steps = 5
+    losses = rng.uniform(0.5, 2.0, size=(steps, 8)).astype(np.float32)
+    bad_step = int(rng.integers(2, steps))
+    losses[bad_step, rng.integers(0, 8)] = rng.choice([np.nan, np.inf, 1e30])
+    seq = [jax.tree.map(lambda x, k=k: x * (1 + 0.1 * k), finite) for k in range(steps)]
+
+    plain = GUARD_BUILDERS[guard](None)
+    want, state = [], plain.init(finite)
+    for grads, local in zip(seq, losses):
+        updates, state = jax.jit(plain.update)(grads, state, loss=jnp.mean(local))
+        want.append((updates, state))
+
+    tx = GUARD_BUILDERS[guard]("data")
+    state = tx.init(finite)
+    specs = _inner_specs(state)
+    sharded = _shard_mapped(lambda g, s, loss: tx.update(g, s, loss=loss[0]),
+                            (P("data"), specs, P("data")), (P("data"), specs))
+    for step, (grads, local) in enumerate(zip(seq, losses)):
+        updates, state = sharded(grads, state, jnp.asarray(local))
+        want_updates, want_state = want[step]
+        where = f"{guard} step {step} losses {local.tolist()}"
+        assert bool(oc.stats(state)[f"{guard}/skipped"]) == bool(
+            oc.stats(want_state)[f"{guard}/skipped"]), where
+        for g, w in zip(jax.tree.leaves((updates, state)),
+                        jax.tree.leaves((want_updates, want_state))):
+            np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64),
+                                       rtol=1e-5, atol=1e-7, err_msg=where)
+    # A non-finite or enormous loss on one shard skipped the step on every shard.
+    assert bool(oc.stats(want[bad_step][1])[f"{guard}/skipped"]) or (
+        guard == "skip_nonfinite" and np.isfinite(losses[bad_step]).all())
+
+
 # ---------------------------------------------------------------- 4. shard_map over two axes
 #
 # Leaves sharded over `model` only, over `data` only, over both, and replicated.
