@@ -63,7 +63,11 @@ def checked(
     The checks are ``jax.experimental.checkify`` checks, so a failure surfaces as
     ``JaxRuntimeError``:
 
-    * eagerly, at the failing update;
+    * eagerly, at the failing update. A wrapper that traces its inner update
+      (``MultiSteps`` and ``apply_if_finite`` run it inside a ``lax.cond``) has
+      its update run under ``checkify.checkify`` instead, whose error is thrown
+      there; its result can then differ from the unchecked update's in the
+      last bit, since the checks change how XLA fuses that computation;
     * under ``jit``, only inside a checkified function. Wrap the train step:
       ``step = chex.chexify(jax.jit(train_step))``; chex raises on a later call or
       at ``chex.block_until_chexify_assertions_complete()`` (with
@@ -132,8 +136,7 @@ def checked(
         )
     instrumented = _instrument(tx, rtol)
 
-    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any):
-        _refuse_plain_jit(updates)
+    def checked_update(updates: Any, state: Any, params: Any = None, **extra_args: Any):
         new_updates, new_state = instrumented.update(updates, state, params, **extra_args)
         checkify.check(
             _all_finite(new_updates), "optaxclip.checked: the update is not finite (NaN or inf)."
@@ -141,12 +144,30 @@ def checked(
         _check_recorded(new_state, rtol)
         return new_updates, new_state
 
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any):
+        if _refuse_plain_jit(updates):
+            return checked_update(updates, state, params, **extra_args)
+        # Called eagerly: checks raise at once, at the failing update, and the
+        # result is the wrapped update's own, bit for bit. A wrapped transformation
+        # may still trace its inner update (optax.MultiSteps and apply_if_finite run
+        # it inside a lax.cond), where a check must be functionalized; JAX refuses
+        # it while tracing, before anything is computed. Such an update runs again
+        # under checkify, whose error is thrown here.
+        try:
+            return checked_update(updates, state, params, **extra_args)
+        except ValueError as error:
+            if "checkify" not in str(error) or "functionalized" not in str(error):
+                raise
+        error, out = checkify.checkify(checked_update)(updates, state, params, **extra_args)
+        error.throw()
+        return out
+
     update_fn = _spec.attach_inner(update_fn, instrumented, None, name="")
     return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
-def _refuse_plain_jit(updates: Any) -> None:
-    """Raises a clear error when traced by ``jit`` outside any ``checkify``.
+def _refuse_plain_jit(updates: Any) -> bool:
+    """Whether ``updates`` are traced; raises a clear error under a plain ``jit``.
 
     checkify checks only work inside a checkified function; under a plain jit
     JAX would fail later, while lowering, with a message that does not name the
@@ -155,11 +176,11 @@ def _refuse_plain_jit(updates: Any) -> None:
     """
     leaves = [x for x in jax.tree.leaves(updates) if isinstance(x, jax.core.Tracer)]
     if not leaves or not _is_staged(leaves[0]):
-        return
+        return bool(leaves)
     frame = sys._getframe(1)
     while frame is not None:
         if "checkify" in frame.f_code.co_filename:
-            return
+            return True
         frame = frame.f_back
     raise ValueError(
         "optaxclip.checked runs checkify checks, and under jax.jit they must be "

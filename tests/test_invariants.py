@@ -411,6 +411,32 @@ def test_checked_catches_a_clipper_that_does_not_clip():
     assert error.get() is None
 
 
+@pytest.mark.parametrize("wrapper", ["MultiSteps", "apply_if_finite"])
+def test_checked_eager_reaches_into_wrappers_that_trace_their_inner_update(wrapper):
+    """MultiSteps and apply_if_finite run the inner update inside a lax.cond.
+
+    Called eagerly, ``checked`` failed on every update of such a chain, finite or
+    not, with JAX's "checkify.check which was not functionalized" error.
+    """
+    wrap = {"MultiSteps": lambda t: optax.MultiSteps(t, 2),
+            "apply_if_finite": lambda t: optax.apply_if_finite(t, 2)}[wrapper]
+    inner = wrap(optax.chain(oc.clip_by_global_norm(1.0), optax.adam(1e-3)))
+    guarded = oc.checked(inner)
+    state, plain_state = guarded.init(PARAMS), inner.init(PARAMS)
+    for scale in (100.0, 1e-3, 100.0):
+        grads = jax.tree.map(lambda g, s=scale: g * s, BIG)
+        out, state = guarded.update(grads, state, PARAMS)
+        expected, plain_state = inner.update(grads, plain_state, PARAMS)
+        # Under checkify, XLA may fuse the inner update differently: last-bit rounding.
+        chex.assert_trees_all_close(out, expected, rtol=1e-6, atol=0)
+        chex.assert_trees_all_close(state, plain_state, rtol=1e-6, atol=0)
+    broken = oc.checked(wrap(optax.chain(broken_clip(1.0), optax.adam(1e-3))))
+    state = broken.init(PARAMS)
+    with pytest.raises(Exception, match=BROKEN_MESSAGE):
+        for _ in range(2):  # MultiSteps applies the inner update on the second step
+            _, state = broken.update(BIG, state, PARAMS)
+
+
 def test_checked_reaches_clippers_inside_masked_and_partition():
     for tx in (
         optax.masked(optax.chain(broken_clip(1.0), optax.sgd(1.0)), {"w": True, "b": False}),
