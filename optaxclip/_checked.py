@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
 
-from optaxclip import _clipper, _combinators, _norms, _scaling, _spec, _validate
+from optaxclip import _clipper, _combinators, _norms, _reductions, _scaling, _spec, _validate
 from optaxclip._registry import register_factory
 from optaxclip._spec import ClipSpec
 from optaxclip._state import ClipStats
@@ -298,7 +298,7 @@ def _verify_per_example(reduce: str, per_layer: bool, g: Any, out: Any, record: 
         "bound {bound} (max_norm, times B for reduce='sum') * (1 + rtol).",
         measured=measured, bound=bound,
     )
-    largest = jnp.max(norms)
+    largest = _reductions.max_keeping_nan(norms)
     close = (largest == record.norm_max) | (
         jnp.abs(largest - record.norm_max) <= 1e-4 * jnp.maximum(largest, 1e-30)
     )

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optaxclip import _history, _norms, _scaling, _shards, _spec, _validate
+from optaxclip import _history, _norms, _reductions, _scaling, _shards, _spec, _validate
 from optaxclip._norms import is_float_leaf
 from optaxclip._spec import ClipSpec
 from optaxclip._state import ClipStats
@@ -652,7 +652,8 @@ def _clip_entries(spec: ClipSpec, updates: Any, norm: Array | None, threshold: A
     clipped = jnp.any(jnp.stack(flags)) if flags else jnp.zeros([], bool)
     if norm is None:
         widest = _norms._widest([jnp.asarray(x) for x in _norms._float_leaves(updates)])
-        norm = jnp.max(jnp.stack([m.astype(widest) for m in maxima]), initial=0) if maxima \
+        norm = _reductions.max_keeping_nan(
+            jnp.stack([m.astype(widest) for m in maxima]), initial=0) if maxima \
             else jnp.zeros([], widest)
         norm = _shards._pmax(norm, spec.axis_name)
     if spec.axis_name is not None:

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from optaxclip._packing import _joined_rows, _reduced_packed
+from optaxclip._reductions import max_keeping_nan
 from optaxclip._shards import _pmax, _psum, _psum_total
 from optaxclip._validate import AxisName, validate_axis_name, validate_ord
 
@@ -128,7 +129,7 @@ def _power_sum(x: Array, p: float, axes: Any = None) -> Array:
         return jnp.sum(re * re + im * im, axis=axes)
     magnitude = _magnitude(x, acc)
     if p == math.inf:
-        return jnp.max(magnitude, axis=axes, initial=0)
+        return max_keeping_nan(magnitude, axes, initial=0)
     if p == 1:
         return jnp.sum(magnitude, axis=axes)
     return jnp.sum(_safe_pow(magnitude, p), axis=axes)
@@ -169,7 +170,7 @@ def _multiplied(x: Array, factor: Array, acc: Any) -> Array:
 
 
 def _max_magnitude(x: Array, axes: Any = None) -> Array:
-    return jnp.max(_magnitude(x, accumulation_dtype(x.dtype)), axis=axes, initial=0)
+    return max_keeping_nan(_magnitude(x, accumulation_dtype(x.dtype)), axes, initial=0)
 
 
 def _divisor_base(x: Array, axes: Any = None) -> Array:
@@ -411,15 +412,15 @@ def global_norm_parts(
     if p == math.inf:
         complex_ = [x for x in leaves if jnp.iscomplexobj(x)]
         if not complex_:
-            return _pmax(jnp.max(jnp.stack(_global_sums(leaves, p))), axis_name), one
+            return _pmax(max_keeping_nan(jnp.stack(_global_sums(leaves, p))), axis_name), one
         # Finite complex entries can have a modulus past the largest float: then the
         # parts are (2, max |x / 2|), unless a real entry is inf. The real and complex
         # maxima are taken apart (each leaf read once) and combined.
         real = [x for x in leaves if not jnp.iscomplexobj(x)]
-        real_max = _pmax(jnp.max(jnp.stack(
+        real_max = _pmax(max_keeping_nan(jnp.stack(
             _global_sums(real, p) if real else [jnp.zeros([], acc)])), axis_name)
-        complex_max = _pmax(jnp.max(jnp.stack(_global_sums(complex_, p))), axis_name)
-        half = _pmax(jnp.max(jnp.stack([_divisor_base(x).astype(acc) for x in complex_])),
+        complex_max = _pmax(max_keeping_nan(jnp.stack(_global_sums(complex_, p))), axis_name)
+        half = _pmax(max_keeping_nan(jnp.stack([_divisor_base(x).astype(acc) for x in complex_])),
                      axis_name)
         half = jnp.where(jnp.isfinite(real_max), half, jnp.inf).astype(acc)
         return _overflowed_max_parts(jnp.maximum(real_max.astype(acc), complex_max.astype(acc)),
@@ -454,7 +455,7 @@ def _combine_rescued_parts(
 
     Each part is a scalar, or a ``[B]`` vector of per-example values.
     """
-    largest = _pmax(jnp.max(jnp.stack(maxima), axis=0), axis_name)
+    largest = _pmax(max_keeping_nan(jnp.stack(maxima), 0), axis_name)
     divisor = _safe_divisor(largest)
     terms = [_safe_pow(quotient(m, divisor), p) * s for m, s in zip(maxima, scaled_sums)]
     return _scaled_parts(largest, _psum_total(terms, axis_name), p)
@@ -606,7 +607,7 @@ def batched_global_norm(
     if not moved or batch == 0:
         return jnp.zeros([batch], acc)
     if p == math.inf:
-        return _pmax(jnp.max(jnp.stack(_batched_sums(moved, p)), axis=0), axis_name)
+        return _pmax(max_keeping_nan(jnp.stack(_batched_sums(moved, p)), 0), axis_name)
     return _batched_guarded(p, axis_name)(moved)
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from optaxclip import _spec
+from optaxclip._reductions import max_keeping_nan, min_keeping_nan
 
 Array = jax.Array
 
@@ -104,16 +105,18 @@ def _leaves(tree: Any) -> list[Array]:
     return [jnp.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def _reduce(reduce: Any, values: list[Array]) -> Array:
+def _reduce(reduce: Any, values: list[Array], empty: Any) -> Array:
     """``reduce`` over every entry of ``values``, leaf by leaf, then across leaves.
 
     Not by concatenating: per-unit stats of leaves sharded in different ways
     (Explicit mesh axes) cannot be joined without a reshard, but each leaf's own
-    reduction is replicated and those stack.
+    reduction is replicated and those stack. With no entries at all (only leaves
+    that are not floats, or a ``(5, 0)`` kernel's units) the result is ``empty``,
+    what a leaf without entries reports.
     """
     nonempty = [x for x in values if x.size]
-    if not nonempty:  # only empty units (a (5, 0) kernel): what concatenation gives
-        return reduce(jnp.concatenate([jnp.ravel(x) for x in values]))
+    if not nonempty:
+        return jnp.asarray(empty, values[0].dtype if values else jnp.float32)
     return reduce(jnp.stack([reduce(x) for x in nonempty]))
 
 
@@ -139,15 +142,15 @@ def _summaries(record: ClipStats, scope: str, per_leaf: bool,
     out: dict[str, Array] = {}
     if norms:
         # max propagates NaN, so a single non-finite leaf shows in the summary.
-        out["norm"] = _reduce(jnp.max, norms)
+        out["norm"] = _reduce(max_keeping_nan, norms, 0)
     if _is_shared(record.threshold):
         out["threshold"] = thresholds[0]
     elif thresholds:
-        out["threshold_min"] = _reduce(jnp.min, thresholds)
-        out["threshold_max"] = _reduce(jnp.max, thresholds)
+        out["threshold_min"] = _reduce(min_keeping_nan, thresholds, jnp.inf)
+        out["threshold_max"] = _reduce(max_keeping_nan, thresholds, jnp.inf)
     if norms and scales is not None:
-        out["scale"] = _reduce(jnp.min, scales)
-        out["clipped"] = _reduce(jnp.any, clipped)
+        out["scale"] = _reduce(min_keeping_nan, scales, 1)
+        out["clipped"] = _reduce(jnp.any, clipped, False)
         out["clipped_fraction"] = _fraction(clipped)
     if per_leaf:
         out.update(_per_leaf(record, scales is not None, layered=scope == "leaf" or stacked))
@@ -180,11 +183,11 @@ def _per_leaf(record: ClipStats, has_scale: bool, layered: bool = False) -> dict
         key = f"leaves/{_leaf_key(path)}"
         # A leaf without entries (a (5, 0) kernel's units; a leaf that is not a
         # float) reports norm 0, no limit, scale 1, not clipped.
-        out[f"{key}/norm"] = jnp.max(jnp.asarray(norm), initial=0)
+        out[f"{key}/norm"] = max_keeping_nan(norm, initial=0)
         if thresholds is not None:
-            out[f"{key}/threshold"] = jnp.min(jnp.asarray(thresholds[index]), initial=jnp.inf)
+            out[f"{key}/threshold"] = min_keeping_nan(thresholds[index], initial=jnp.inf)
         if scales is not None:
-            out[f"{key}/scale"] = jnp.min(jnp.asarray(scales[index]), initial=1)
+            out[f"{key}/scale"] = min_keeping_nan(scales[index], initial=1)
         out[f"{key}/clipped"] = jnp.any(jnp.asarray(flags[index]))
         if layered and jnp.ndim(norm) >= 1:
             out.update(_per_layer(key, index, norm, thresholds, scales, flags))
@@ -196,12 +199,14 @@ def _per_layer(key: str, index: int, norm: Any, thresholds: Any, scales: Any,
     out = {}
     for layer in range(jnp.shape(norm)[0]):
         prefix = f"{key}/layers/{layer}"
-        out[f"{prefix}/norm"] = jnp.max(jnp.asarray(norm)[layer])
+        out[f"{prefix}/norm"] = max_keeping_nan(jnp.asarray(norm)[layer], initial=0)
         if thresholds is not None:
             limit = jnp.asarray(thresholds[index])
-            out[f"{prefix}/threshold"] = jnp.min(limit[layer]) if limit.ndim else limit
+            out[f"{prefix}/threshold"] = min_keeping_nan(limit[layer], initial=jnp.inf) \
+                if limit.ndim else limit
         if scales is not None:
-            out[f"{prefix}/scale"] = jnp.min(jnp.asarray(scales[index])[layer])
+            out[f"{prefix}/scale"] = min_keeping_nan(jnp.asarray(scales[index])[layer],
+                                                     initial=1)
         out[f"{prefix}/clipped"] = jnp.any(jnp.asarray(flags[index])[layer])
     return out
 

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optaxclip import _norms, _scaling, _spec, _state
+from optaxclip import _norms, _reductions, _scaling, _spec, _state
 from optaxclip._registry import register_factory
 from optaxclip._validate import is_traced, validate_int, validate_real, validate_threshold
 
@@ -457,7 +457,7 @@ def clip_per_example(
         threshold = _scaling.threshold_at(max_norm, state.count)  # clamped at 0; NaN stays
         if arrays and batch > 0:
             norms, scales, clipped = _example_scales(arrays, threshold, per_layer)
-            norm_max, norm_median = jnp.max(norms), _median(norms)
+            norm_max, norm_median = _reductions.max_keeping_nan(norms), _median(norms)
             fraction = jnp.mean(clipped.astype(jnp.float32))
         else:
             ones = jnp.ones([batch], jnp.float32)

@@ -1052,3 +1052,65 @@ def test_float64_norms_in_a_state_initialised_without_params(name):
         _, again = jax.jit(tx.update)({"w": jnp.ones(3, jnp.float32)}, state)
         layout = lambda s: [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(s)]
         assert layout(again) == layout(state)
+
+
+# 24. XLA:CPU's vectorised max and min reductions drop NaN past about 4,096 reduced
+# entries (jnp.max of 4,096 ones and one NaN gives 1.0, or -inf with the NaN last).
+# An inf-norm clipper then measured a finite norm for a NaN gradient and clipped the
+# finite entries by it; clip_per_example's norm_max and the stats summaries of
+# per-unit norms read finite. optaxclip._reductions carries a NaN flag through the
+# reduction. Sizes and NaN positions are drawn, the last entry always among them.
+def _nan_at(size: int, rng, last: bool) -> np.ndarray:
+    values = rng.uniform(0.1, 1.0, size=size).astype(np.float32)
+    values[size - 1 if last else rng.integers(0, size)] = np.nan
+    return values
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("last", [False, True], ids=["random", "last"])
+def test_inf_norms_and_maxima_keep_nan_past_4096_entries(seed, last):
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(4096, 3 * 4096))
+    grads = {"w": jnp.asarray(_nan_at(size, rng, last)), "b": jnp.ones(3)}
+    assert math.isnan(float(jax.jit(lambda g: oc.global_norm(g, ord=math.inf))(grads)))
+    for tx in (oc.clip_by_global_norm(0.05, ord=math.inf), oc.clip_by_norm(0.05, ord=math.inf),
+               oc.monitor_norm(ord=math.inf)):
+        out, state = jax.jit(tx.update)(grads, tx.init(grads))
+        assert math.isnan(float(next(v for k, v in oc.stats(state).items()
+                                     if k.endswith("/norm")))), tx
+        if not isinstance(state, oc.MonitorNormState):  # a NaN norm: the scope is NaN
+            assert bool(jnp.all(jnp.isnan(out["w"]))), tx
+    for per_leaf in (False, True):
+        out, norm = oc.clip_per_leaf(grads, 0.05, ord=math.inf) if per_leaf else \
+            oc.clip(grads, 0.05, ord=math.inf)
+        assert bool(jnp.all(jnp.isnan(out["w"])))
+        assert math.isnan(float(norm["w"] if per_leaf else norm))
+    # Per-example: B past 4,096 examples, one of them NaN.
+    batch = {"w": jnp.asarray(_nan_at(size, rng, last)).reshape(size, 1)}
+    tx = oc.clip_per_example(1.0)
+    _, state = jax.jit(tx.update)(batch, tx.init({"w": jnp.zeros(1)}))
+    assert math.isnan(float(oc.stats(state)["clip_per_example/norm_max"]))
+    # The summary of more than 4,096 per-unit norms (AGC's rows of a [2, N] kernel).
+    kernel = {"k": jnp.asarray(_nan_at(2 * size, rng, last)).reshape(size, 2).T}
+    tx = oc.adaptive_grad_clip(0.01, axis=0)
+    _, state = jax.jit(tx.update)(kernel, tx.init(kernel), jax.tree.map(jnp.ones_like, kernel))
+    summary = oc.stats(state)
+    assert math.isnan(float(summary["adaptive_grad_clip/norm"]))
+
+
+# 25. stats() of a per-leaf clipper that measured no float entries (a tree of integer
+# leaves, a stacked leaf with zero layers) raised numpy's "zero-size array to
+# reduction operation" error: the summaries of nothing are norm 0, no limit, scale 1.
+@pytest.mark.parametrize("make, tree", [
+    (lambda: oc.clip_by_norm(1.0), {"i": jnp.arange(3)}),
+    (lambda: oc.clip_by_norm(1.0, stacked=True), {"w": jnp.zeros((0, 3))}),
+    (lambda: oc.clip_update_rms(1.0), {"i": jnp.arange(3)}),
+    (lambda: oc.monitor_norm(per_leaf=True), {"i": jnp.arange(3)}),
+])
+def test_stats_of_a_per_leaf_clipper_that_measured_nothing(make, tree):
+    tx = make()
+    _, state = tx.update(tree, tx.init(tree))
+    summary = oc.stats(state)
+    norm = next(v for k, v in summary.items() if k.endswith("/norm"))
+    assert float(norm) == 0.0
+    assert not any(bool(v) for k, v in summary.items() if k.endswith("/clipped"))
