@@ -326,7 +326,7 @@ def _initial_norm(spec: ClipSpec, params: Any) -> Any:
     def zeros(x: Any) -> Array:
         if not is_float_leaf(x):
             return jnp.zeros([0], jnp.float32)  # no entries to measure (see measure_parts)
-        return unit_zeros(spec, x, _norms.accumulation_dtype(x.dtype))
+        return unit_zeros(spec, x, _norms.accumulation_dtype(jnp.result_type(x)))
 
     return jax.tree.map(zeros, params)
 
@@ -380,8 +380,11 @@ def _float_positions(leaves: list[Any]) -> list[int]:
     return [i for i, x in enumerate(leaves) if is_float_leaf(x)]
 
 
-def _root_count(counts: list[tuple[int, Any]], axis_name: Any) -> Array:
+def _root_count(counts: list[tuple[int, Any]], axis_name: Any, dtype: Any) -> Array:
     """The square root of how many entries a norm covers, across ``axis_name`` shards too.
+
+    In ``dtype``, the norm's own: under x64 a float32 root of 2 would put the RMS of
+    float64 ones 2e-8 above 1, and clip them at threshold 1.
 
     ``counts`` holds ``(entries on this shard, the array they are in)`` pairs:
     each array's entries are counted once per shard along the axes it varies
@@ -391,7 +394,7 @@ def _root_count(counts: list[tuple[int, Any]], axis_name: Any) -> Array:
     for count, x in counts:
         axes = _shards.reduction_axes(x, axis_name)
         total = total + (lax.psum(count, axes) if axes is not None else count)
-    return jnp.sqrt(jnp.maximum(jnp.asarray(total, jnp.float32), 1))
+    return jnp.sqrt(jnp.maximum(jnp.asarray(total, dtype), 1))
 
 
 def measure(spec: ClipSpec, updates: Any) -> Any:
@@ -414,7 +417,7 @@ def measure_parts(spec: ClipSpec, updates: Any) -> tuple[Any, Any]:
         root, multiplier = _norms.global_norm_parts(leaves, spec.ord, spec.axis_name)
         if spec.rms:
             counts = [(x.size, x) for x in leaves]
-            root = root / _root_count(counts, spec.axis_name).astype(root.dtype)
+            root = root / _root_count(counts, spec.axis_name, root.dtype)
         return _norms._norm(root, multiplier), (root, multiplier)
     leaves, treedef = jax.tree.flatten(updates)
     positions = _float_positions(leaves)
@@ -428,7 +431,7 @@ def measure_parts(spec: ClipSpec, updates: Any) -> tuple[Any, Any]:
     for i, x, a, (root, multiplier) in zip(positions, arrays, axes, found):
         if spec.rms:
             count = math.prod(x.shape[d] for d in a) if a is not None else x.size
-            root = root / _root_count([(count, x)], spec.axis_name).astype(root.dtype)
+            root = root / _root_count([(count, x)], spec.axis_name, root.dtype)
         out[i], parts[i] = _norms._norm(root, multiplier), (root, multiplier)
     return treedef.unflatten(out), parts
 

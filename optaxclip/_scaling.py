@@ -33,10 +33,12 @@ def threshold_at(value: Threshold, count: Array) -> Array:
     """The threshold for step ``count`` as a float32 (or wider) scalar, clamped at 0."""
     if callable(value) and not hasattr(value, "dtype"):
         value = value(count)
-    if isinstance(value, (int, np.integer, np.ndarray)) and np.issubdtype(
-            np.asarray(value).dtype, np.integer):
-        # A host integer goes through float64: as jax's default int32, 2^32 wraps to 0.
-        threshold = jnp.asarray(np.asarray(value, np.float64))
+    if isinstance(value, int) or (isinstance(value, (np.integer, np.ndarray)) and np.issubdtype(
+            np.asarray(value).dtype, np.integer)):
+        # A host integer goes through float64: as jax's default int32, 2^32 wraps to
+        # 0, and a Python int past 2^63 does not convert to any integer dtype.
+        threshold = jnp.asarray(np.asarray(float(value) if isinstance(value, int) else value,
+                                           np.float64))
     else:
         threshold = jnp.asarray(value)
     dtype = jnp.promote_types(

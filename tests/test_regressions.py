@@ -826,32 +826,38 @@ def test_integer_thresholds_past_int32(name):
     info = oc.registered_factories()[name]
     params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
     grads = jax.tree.map(lambda g: g * 1e6, GRADS)
-    outputs = []
-    for limit in (float(2**32), np.int64(2**32), np.uint64(2**32), 2**32,
-                  np.array(2**32, np.int64)):
-        tx = info.build(limit)
-        update = jax.jit(tx.update)
-        state = tx.init(params)
-        for _ in range(3):  # past the adaptive clippers' warmup
-            out, state = update(grads, state, params)
-        outputs.append(out)
-    for out in outputs[1:]:
-        for key in grads:
-            np.testing.assert_array_equal(np.asarray(out[key]), np.asarray(outputs[0][key]))
+    # Python ints past 2^64 have no integer dtype at all (numpy makes them objects).
+    for limits in ((float(2**32), np.int64(2**32), np.uint64(2**32), 2**32,
+                    np.array(2**32, np.int64)),
+                   (float(10**20), 10**20, 2**70)):
+        outputs = []
+        for limit in limits:
+            tx = info.build(limit)
+            update = jax.jit(tx.update)
+            state = tx.init(params)
+            for _ in range(3):  # past the adaptive clippers' warmup
+                out, state = update(grads, state, params)
+            outputs.append(out)
+        for out in outputs[1:]:
+            for key in grads:
+                np.testing.assert_array_equal(np.asarray(out[key]),
+                                              np.asarray(outputs[0][key]))
     with pytest.raises(ValueError, match=info.threshold):
         info.build(10**400)
 
 
-@pytest.mark.parametrize("limit", [np.int64(2**32), np.uint64(2**32), 2**32])
+@pytest.mark.parametrize("limit", [np.int64(2**32), np.uint64(2**32), 2**32, 10**20])
 def test_integer_per_example_thresholds_past_int32(limit):
     examples = {"w": jnp.arange(12.0).reshape(4, 3) * 1e6, "b": jnp.ones((4, 2))}
-    reference = oc.clip_per_example(float(2**32))
+    reference = oc.clip_per_example(float(limit))
     want, _ = reference.update(examples, reference.init(None))
     tx = oc.clip_per_example(limit)
     got, state = jax.jit(tx.update)(examples, tx.init(None))
     for key in examples:
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
-    assert float(oc.stats(state)["clip_per_example/threshold"]) == 2.0**32
+    assert float(oc.stats(state)["clip_per_example/threshold"]) == float(np.float32(limit))
+    clipped, _ = oc.clip(examples, limit)  # the functional form too
+    np.testing.assert_array_equal(np.asarray(clipped["w"]), np.asarray(examples["w"]))
 
 
 # 18. Finite complex entries whose modulus passes float32's largest value (3e38 + 3e38j
@@ -1114,3 +1120,55 @@ def test_stats_of_a_per_leaf_clipper_that_measured_nothing(make, tree):
     norm = next(v for k, v in summary.items() if k.endswith("/norm"))
     assert float(norm) == 0.0
     assert not any(bool(v) for k, v in summary.items() if k.endswith("/clipped"))
+
+
+# 26. A tree of Python floats (as a config or a hand-written test passes them): every
+# clipper with a norm per leaf or unit raised AttributeError in init ("'float' object
+# has no attribute 'dtype'"), where the global clippers and clip() accepted it. Every
+# registered clipper now gives what the same tree of arrays gives.
+CLIPPER_FACTORIES = sorted(
+    name for name, info in oc.registered_factories().items()
+    if info.kind == "clipper" and info.factory.__module__.startswith("optaxclip."))
+
+
+@pytest.mark.parametrize("name", CLIPPER_FACTORIES)
+def test_python_float_leaves(name):
+    info = oc.registered_factories()[name]
+    floats = [5.0, -12.0, 0.25]
+    arrays = [jnp.float32(x) for x in floats]
+    outs = []
+    for tree in (floats, arrays):
+        tx = info.build(1.0)
+        params = [1.0, 2.0, 3.0] if info.needs_params else None
+        state = tx.init(tree if params is None else params)
+        for _ in range(3):
+            out, state = tx.update(tree, state, params)
+        outs.append(out)
+    for got, want in zip(*outs):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    per_leaf, norms = oc.clip_per_leaf(floats, 1.0)
+    np.testing.assert_array_equal(np.asarray(norms), [5.0, 12.0, 0.25])
+    np.testing.assert_allclose(np.asarray(per_leaf), [1.0, -1.0, 0.25], rtol=1e-6)
+
+
+# 27. Under x64 the RMS clippers divided a float64 norm by a float32 square root of the
+# entry count: float64 ones (RMS exactly 1) read 1.0000000171 and were clipped at
+# threshold 1, and every float64 RMS carried float32's rounding. The count's root is
+# now taken in the norm's dtype.
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", ["clip_by_rms", "clip_by_block_rms", "clip_update_rms"])
+def test_float64_rms_is_float64_exact(name, jit):
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        tx = oc.registered_factories()[name].build(1.0)
+        ones = {"w": jnp.ones((3, 5), jnp.float64)}
+        update = jax.jit(tx.update) if jit else tx.update
+        out, state = update(ones, tx.init(ones))
+        # Within float64's last bit of 1 (the 1-ulp rounding the docstrings state at
+        # exactly the threshold), not float32's.
+        np.testing.assert_allclose(float(oc.stats(state)[f"{name}/norm"]), 1.0, rtol=3e-16)
+        np.testing.assert_allclose(np.asarray(out["w"]), np.ones((3, 5)), rtol=3e-16)
+        values = rng.normal(size=(7, 11))
+        _, state = update({"w": jnp.asarray(values * 1e200)}, tx.init(ones))
+        np.testing.assert_allclose(float(oc.stats(state)[f"{name}/norm"]),
+                                   np.sqrt(np.mean(values**2)) * 1e200, rtol=1e-14)
