@@ -58,7 +58,8 @@ class ThresholdRule:
         is what the spec's scope measured (a scalar, or a tree of per-leaf or
         per-unit arrays), ``state`` the clipper's state before this update (its
         ``count`` is the step), ``params`` what ``update`` was given. It returns
-        the threshold (a scalar, or a tree shaped like ``norm``) and the new
+        the threshold (a scalar, or a tree shaped like ``norm``; numbers or
+        arrays, held in float32 or wider and clamped at 0, NaN kept) and the new
         values of the rule's own state fields. Must be pure and jit-friendly.
       init: ``params -> {field: initial array}`` for the rule's state fields.
       fields: the names of those fields, in order (they follow ``count`` and
@@ -167,6 +168,7 @@ def make_clipper(
             threshold, _ = rule.threshold(norm, placeholder, params, zero_parts)
         else:
             threshold, _ = rule.threshold(norm, placeholder, params)
+        threshold = _clamped(threshold)
         state = placeholder._replace(stats=_initial_stats(spec, norm, threshold))
         # Every field its own buffer, so that the whole state can be donated.
         return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
@@ -187,7 +189,7 @@ def make_clipper(
             # gradients measures it (one read instead of two; see _clip_entries).
             threshold, fields = rule.threshold(None, state, params)
             _check_fields(spec, rule, fields)
-            out, record = _clip_entries(spec, updates, None, threshold)
+            out, record = _clip_entries(spec, updates, None, _clamped(threshold))
         else:
             norm, parts = measure_parts(spec, updates)
             if rule.uses_parts:
@@ -195,13 +197,27 @@ def make_clipper(
             else:
                 threshold, fields = rule.threshold(norm, state, params)
             _check_fields(spec, rule, fields)
-            out, record = _clip(spec, updates, norm, parts, threshold)
+            out, record = _clip(spec, updates, norm, parts, _clamped(threshold))
         new_state = state._replace(
             count=optax.safe_increment(state.count), stats=record, **fields
         )
         return out, _keep_dtypes(new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, _spec.attach(update_fn, spec))
+
+
+def _clamped(threshold: Any) -> Any:
+    """A rule's threshold(s) as floats of at least float32, clamped at 0 (NaN stays).
+
+    The built-in rules clamp their own; a user's rule may return a Python number or
+    a negative value, which would otherwise flip the gradients' signs.
+    """
+    def clamp(t: Any) -> Array:
+        t = jnp.asarray(t)
+        dtype = t.dtype if jnp.issubdtype(t.dtype, jnp.floating) else jnp.float32
+        return jnp.maximum(t.astype(jnp.promote_types(dtype, jnp.float32)), 0)
+
+    return jax.tree.map(clamp, threshold)
 
 
 def _check_params_match(name: str, updates: Any, params: Any) -> None:

@@ -1,6 +1,7 @@
 """A clipper written outside the package gets stats, check_order, checked and the
 contract checks through the public extension API (examples/custom_clipper.py)."""
 
+import math
 import pathlib
 import re
 import runpy
@@ -65,3 +66,31 @@ def test_contract_checks_catch_a_rule_that_breaks_the_bound():
     tx = oc.make_clipper(spec, rule)
     with pytest.raises(AssertionError, match="NaN entered the clipper's own state"):
         optaxclip.testing.assert_clip_contracts(tx, {"w": jnp.ones(3)})
+
+
+@pytest.mark.parametrize("scope", ["global", "leaf", "unit", "element"])
+@pytest.mark.parametrize("value", [-1.0, -3, 2, 2.5, float("nan"), 0.0])
+def test_a_rules_threshold_is_clamped_at_zero_whatever_its_type(scope, value):
+    """A user's rule may return a Python number or a negative value.
+
+    A negative threshold flipped the gradients' signs (scale -0.2 for [3, -4] at -1)
+    and a Python float raised AttributeError; both now act as the built-in clippers'
+    traced thresholds do: clamped at 0 (NaN stays NaN), in float32 or wider.
+    """
+    grads = {"a": jnp.array([3.0, -4.0]), "b": jnp.array([[0.5, 1.0], [2.0, 0.1]])}
+    extra = {"unit_axes": (-1,)} if scope == "unit" else (
+        {"ord": math.inf} if scope == "element" else {})
+    spec = oc.ClipSpec(f"rule_{scope}", scope=scope, **extra)
+    custom = oc.make_clipper(spec, oc.ThresholdRule(lambda norm, state, params: (value, {})))
+    reference = oc.make_clipper(
+        spec, oc.ThresholdRule(lambda norm, state, params: (jnp.float32(max(value, 0)), {})))
+    for jit in (False, True):
+        update = jax.jit(custom.update) if jit else custom.update
+        out, state = update(grads, custom.init(grads))
+        want, want_state = reference.update(grads, reference.init(grads))
+        chex.assert_trees_all_equal(out, want)
+        chex.assert_trees_all_equal(oc.stats(state), oc.stats(want_state))
+        for leaf, before in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
+            # Never a sign flipped: each entry is 0, NaN, or has its input's sign.
+            same_sign = (jnp.sign(leaf) == jnp.sign(before)) | (leaf == 0) | jnp.isnan(leaf)
+            assert bool(jnp.all(same_sign)), (scope, value)
