@@ -128,7 +128,8 @@ def zclip(
 
     Args:
       alpha: EMA smoothing factor in [0, 1).
-      z_thresh: z-score above which a norm is a spike (> 0).
+      z_thresh: z-score above which a norm is a spike (> 0; ``inf``: never a
+        spike, so only ``max_norm`` clips).
       warmup_steps: number of finite norms that initialise the EMAs (>= 1).
       mode: ``"zscore"`` (reciprocal rule), ``"mean"`` or ``"percentile"``.
       max_norm: absolute cap on the threshold at every step, warmup included;
@@ -156,7 +157,7 @@ def zclip(
     """
     alpha = validate_real(
         alpha, "alpha", low=0.0, high=1.0, high_open=True,
-        hint="At 1 the EMAs never move. Try 0.97.",
+        hint="It is the EMAs' decay: at 1 they would never move. Try 0.97.",
     )
     z_thresh = validate_real(z_thresh, "z_thresh", low=0.0, high=math.inf, low_open=True)
     warmup_steps = validate_int(warmup_steps, "warmup_steps")
@@ -198,7 +199,9 @@ def zclip(
         # After warmup, one boundary decides both "spike" and the clip limit.
         mean, std = state.ema_mean, state.ema_std
         spread = std if mode == "percentile" else std + eps
-        boundary = mean + z_thresh * spread
+        # z_thresh = inf: nothing is a spike, whatever the spread (inf * 0 is NaN).
+        boundary = jnp.full_like(mean, math.inf) if math.isinf(z_thresh) \
+            else mean + z_thresh * spread
         spike = ~in_warmup & (norm > boundary)
         if mode == "zscore":
             # mu + z^2 sigma / z with z = (norm - mu) / (sigma + eps), written so it

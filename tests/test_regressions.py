@@ -1172,3 +1172,22 @@ def test_float64_rms_is_float64_exact(name, jit):
         _, state = update({"w": jnp.asarray(values * 1e200)}, tx.init(ones))
         np.testing.assert_allclose(float(oc.stats(state)[f"{name}/norm"]),
                                    np.sqrt(np.mean(values**2)) * 1e200, rtol=1e-14)
+
+
+# 28. zclip(z_thresh=inf) was accepted, and once the EMA spread was 0 (constant
+# norms, or eps=0 after a one-step warmup) its boundary was mu + inf * 0 = NaN, so
+# finite gradients came out NaN. With z_thresh = inf nothing is a spike: only
+# max_norm clips.
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("mode, eps", [("zscore", 0.0), ("zscore", 1e-6), ("mean", 0.0),
+                                       ("percentile", 1e-6)])
+@pytest.mark.parametrize("max_norm", [None, 1.5])
+def test_zclip_with_an_infinite_z_thresh_clips_by_max_norm_only(mode, eps, max_norm, jit):
+    tx = oc.zclip(z_thresh=math.inf, mode=mode, eps=eps, warmup_steps=1, max_norm=max_norm)
+    update = jax.jit(tx.update) if jit else tx.update
+    state = tx.init(jnp.zeros(1))
+    for g in (1.0, 1.0, 2.0, 50.0):
+        out, state = update(jnp.array([g]), state)
+        want = g if max_norm is None else min(g, max_norm)
+        assert float(out[0]) == want, (g, float(out[0]))
+        assert not math.isnan(float(oc.stats(state)["zclip/threshold"]))
