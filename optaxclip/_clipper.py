@@ -232,9 +232,16 @@ def _check_params_match(name: str, updates: Any, params: Any) -> None:
             f"Pass the parameters the gradients were taken of."
         ) from None
     for i, (g, p) in enumerate(zip(grad_leaves, param_leaves)):
-        if not is_float_leaf(g) or not hasattr(p, "shape"):
+        if not is_float_leaf(g):
             continue
-        g_shape, p_shape = tuple(jnp.shape(g)), tuple(p.shape)
+        if p is None or not is_float_leaf(p):
+            path = _leaf_paths(updates)[i]  # only for the message
+            raise ValueError(
+                f"{name}: params{path} is {p!r:.60}, but its gradient is a float array: "
+                f"the threshold needs a float parameter there. Pass the parameters the "
+                f"gradients were taken of."
+            )
+        g_shape, p_shape = tuple(jnp.shape(g)), tuple(jnp.shape(p))
         if p_shape != g_shape:
             path = _leaf_paths(updates)[i]  # only for the message
             raise ValueError(

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optaxclip import _norms
+from optaxclip import _norms, _validate
 from optaxclip._clipper import (
     ThresholdRule,
     fixed_threshold,
@@ -48,6 +48,12 @@ class AdaptiveGradClipState(NamedTuple):
 def _validate_axis(axis: Any) -> tuple[int, ...]:
     if axis is None:
         return (-1,)
+    _validate._refuse_traced(axis, "axis")
+    axis = _validate._as_python_number(axis)
+    if isinstance(axis, (tuple, list)):
+        for a in axis:
+            _validate._refuse_traced(a, "axis")
+        axis = tuple(_validate._as_python_number(a) for a in axis)
     if isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
         return (int(axis),)
     if isinstance(axis, (tuple, list)) and axis and all(

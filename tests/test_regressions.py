@@ -1191,3 +1191,48 @@ def test_zclip_with_an_infinite_z_thresh_clips_by_max_norm_only(mode, eps, max_n
         want = g if max_norm is None else min(g, max_norm)
         assert float(out[0]) == want, (g, float(out[0]))
         assert not math.isnan(float(oc.stats(state)["zclip/threshold"]))
+
+
+# 29. adaptive_grad_clip's axis under optax.inject_hyperparams (which makes it an array)
+# was refused as "must be None, an int or a non-empty tuple of ints ... got Array(0)"
+# with no word of static_args; a concrete jnp.asarray(0) was refused while np.int64(0)
+# was accepted. A params leaf that is None or not a float where the gradient is a
+# float array left that gradient unclipped (limit inf) without a word.
+def test_agc_axis_as_an_array_and_params_that_are_not_floats():
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    grads = jax.tree.map(lambda p: p * 50.0, params)
+    want, _ = oc.adaptive_grad_clip(0.01, axis=0).update(
+        grads, oc.adaptive_grad_clip(0.01, axis=0).init(params), params)
+    for axis in (jnp.asarray(0), np.int64(0), (jnp.asarray(0),), [np.int32(0)]):
+        tx = oc.adaptive_grad_clip(0.01, axis=axis)
+        got, _ = tx.update(grads, tx.init(params), params)
+        chex_equal = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), got, want)
+        assert all(jax.tree.leaves(chex_equal)), axis
+    injected = optax.inject_hyperparams(oc.adaptive_grad_clip)(0.01, axis=0)
+    state = injected.init(params)
+    with pytest.raises(ValueError, match=r"axis must be static.*static_args=\('axis',\)"):
+        jax.jit(injected.update)(grads, state, params)
+    tx = oc.adaptive_grad_clip(0.01)
+    state = tx.init(params)
+    for bad in (None, jnp.arange(2), 3):
+        with pytest.raises(ValueError, match=r"params\['b'\] is .*float"):
+            tx.update(grads, state, {"w": params["w"], "b": bad})
+    # A Python float parameter is a float parameter.
+    scalar = {"s": 2.0}
+    tx.update({"s": jnp.float32(50.0)}, tx.init(scalar), scalar)
+
+
+# 30. clip_by_group_norms compared labels by repr: np.str_("bias") (a label read from a
+# numpy array of strings), which optax.partition finds under "bias", was refused as
+# missing from max_norms.
+def test_group_labels_are_looked_up_by_equality():
+    params = {"w": jnp.full((2, 2), 3.0), "b": jnp.full(2, 4.0)}
+    plain = oc.clip_by_group_norms({"weight": 1.0, "bias": None}, {"w": "weight", "b": "bias"})
+    numpy_labels = oc.clip_by_group_norms(
+        {"weight": 1.0, "bias": None}, {"w": np.str_("weight"), "b": np.str_("bias")})
+    want, _ = plain.update(params, plain.init(params))
+    got, _ = numpy_labels.update(params, numpy_labels.init(params))
+    for key in params:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+    with pytest.raises(ValueError, match="labelled 'other'"):
+        oc.clip_by_group_norms({"weight": 1.0}, {"w": "weight", "b": "other"}).init(params)
