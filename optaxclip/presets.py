@@ -14,12 +14,15 @@ from typing import Any
 
 import jax
 import jax.core
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from optaxclip import _validate, fixed
 from optaxclip._registry import register_factory
 from optaxclip._scaling import Threshold
+
+Array = jax.Array
 
 __all__ = ["clipped"]
 
@@ -87,8 +90,11 @@ def clipped(
       negative number              ``ValueError`` naming the option (Keras
                                    silently disables clipping)
       ``inf``                      a clipper that never clips
-      array, tracer or schedule    passed to the clipper (validated there; a
-                                   traced negative value is clamped to 0)
+      jax array, tracer or         the clipper, always (``inject_hyperparams``
+      schedule                     traces the value, so whether it is 0 is not
+                                   known when building): where the value is 0
+                                   it does not clip (threshold ``inf``); a
+                                   traced negative value is clamped to 0
       ===========================  ==============================================
 
     Args:
@@ -134,13 +140,28 @@ def clipped(
     if not given:
         return tx
     (name, value), = given.items()
-    _validate.validate_threshold(value, name)
     number = _static_value(value)
-    if number is not None:
-        if math.isnan(number) or number < 0:
-            raise ValueError(
-                f"{name} must be >= 0 (0 turns clipping off, as in Keras); got {value!r}."
-            )
-        if number == 0:
-            return tx
+    if number is not None and (math.isnan(number) or number < 0):
+        raise ValueError(
+            f"{name} must be >= 0 (0 turns clipping off, as in Keras); got {value!r}."
+        )
+    _validate.validate_threshold(value, name)
+    if isinstance(value, jax.Array) or callable(value):
+        # A jax array may be traced (optax.inject_hyperparams traces every number it
+        # is given), so whether it is 0 is not known here: the clipper is always
+        # built, and 0 means "off" inside it, so the state never changes layout.
+        return optax.chain(_BUILDERS[name](_zero_is_off(value)), tx)
+    if number == 0:
+        return tx
     return optax.chain(_BUILDERS[name](value), tx)
+
+
+def _zero_is_off(value: Any) -> Any:
+    """``value`` (an array or a schedule) with 0 read as no clipping (threshold inf)."""
+    def off_at_zero(threshold: Any) -> Array:
+        threshold = jnp.asarray(threshold)
+        return jnp.where(threshold == 0, jnp.inf, threshold)
+
+    if callable(value):
+        return lambda count: off_at_zero(value(count))
+    return off_at_zero(value)

@@ -102,10 +102,41 @@ def test_more_than_one_option_raises_naming_them(kwargs):
 
 
 @pytest.mark.parametrize("option", sorted(REFERENCES))
-@pytest.mark.parametrize("zero", [0, 0.0, np.float32(0.0), jnp.zeros([])])
+@pytest.mark.parametrize("zero", [0, 0.0, np.float32(0.0)])
 def test_zero_turns_clipping_off_like_keras(option, zero):
     base = optax.sgd(1.0)
     assert oc.clipped(base, **{option: zero}) is base
+    # A message that keeps to that meaning of 0.
+    with pytest.raises(ValueError, match=r"0 turns clipping off"):
+        oc.clipped(base, **{option: -1.0})
+
+
+@pytest.mark.parametrize("option", sorted(REFERENCES))
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_a_jax_array_or_injected_zero_turns_clipping_off_too(option, jit):
+    """A jax array may be traced, so its 0 cannot return tx itself: the clipper is
+    always built and reads 0 as "off". Before, under optax.inject_hyperparams an
+    injected 0 crashed under jit (init had returned tx's own state), and a value
+    moved from 1.0 to 0.0 zeroed every gradient under jit while eager clipped none.
+    """
+    grads = {"w": jnp.array([3.0, -4.0]), "b": jnp.array([12.0])}
+    raw, _ = optax.sgd(1.0).update(grads, optax.sgd(1.0).init(grads))
+    tx = oc.clipped(optax.sgd(1.0), **{option: jnp.zeros([])})
+    out, _ = tx.update(grads, tx.init(grads))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), out, raw))
+    injected = optax.inject_hyperparams(oc.clipped, static_args=())(
+        optax.sgd(1.0), **{option: 1.0})
+    update = jax.jit(injected.update) if jit else injected.update
+    state = injected.init(grads)
+    clipped_out, state = update(grads, state)
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), clipped_out, raw))
+    state.hyperparams[option] = jnp.zeros([])
+    out, state = update(grads, state)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), out, raw)), out
+    start_at_zero = optax.inject_hyperparams(oc.clipped)(optax.sgd(1.0), **{option: 0.0})
+    update = jax.jit(start_at_zero.update) if jit else start_at_zero.update
+    out, _ = update(grads, start_at_zero.init(grads))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), out, raw)), out
 
 
 @pytest.mark.parametrize("option", sorted(REFERENCES))
