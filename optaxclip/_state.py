@@ -262,8 +262,10 @@ def stats(opt_state: Any, *, per_leaf: bool = False) -> dict[str, Array]:
       no optaxclip clipper in it                   ``{}`` and a ``UserWarning``
                                                    (once) naming likely causes
       a dict from an untargeted restore or         read by the shape of the
-      ``nnx.state(optimizer)``                     clipper states; names come from
-                                                   the state layout (a
+      ``nnx.state(optimizer)``                     clipper states and of the guards'
+                                                   and ``spam``'s records; a clipper
+                                                   whose layout others share is
+                                                   named ``clipper`` (a
                                                    ``UserWarning`` says so once)
       not a pytree of arrays (a string, a model)   ``TypeError``
       ===========================================  ================================
@@ -283,20 +285,27 @@ def stats(opt_state: Any, *, per_leaf: bool = False) -> dict[str, Array]:
     """
     _check_state_type(opt_state)
     found = jax.tree_util.tree_flatten_with_path(
-        opt_state, is_leaf=lambda n: _is_reported(n) or _raw_clipper(n) is not None
+        opt_state, is_leaf=lambda n: _is_reported(n) or _raw_report(n) is not None
+        or _raw_clipper(n) is not None
     )[0]
     entries = []
     raw_found = False
     for path, node in found:
         if _is_reported(node):
             name, values = _values(node, per_leaf)
+        elif (report := _raw_report(node)) is not None:
+            name, values = _values(report, per_leaf)
+            raw_found = True
         else:
             raw = _raw_clipper(node)
             if raw is None:
                 continue
             name, values = raw[0], _summaries(raw[1], raw[2], per_leaf)
+            values.update(_raw_stat_fields(node, raw[3]))
             raw_found = True
         labels = [_path_label(p) for p in path if not _is_wrapper_key(p)]
+        if not _is_reported(node):  # a plain dict: so, most likely, is the whole state
+            labels = [(text, kept and not _is_layout_key(text)) for text, kept in labels]
         short = "/".join([text for text, meaningful in labels if meaningful] + [name])
         full = "/".join([text for text, _ in labels] + [name])
         entries.append((short, full, values))
@@ -325,6 +334,16 @@ def stats(opt_state: Any, *, per_leaf: bool = False) -> dict[str, Array]:
     return out
 
 
+# In a state that became plain dicts (an untargeted restore), the field names of
+# optaxclip's wrapper states and the indices of chains turn into dict keys; they
+# name the layout, not a group, so they are left out of the short names.
+_LAYOUT_KEYS = frozenset({"inner_state", "inner_states", "inner_opt_state", "guard", "spam"})
+
+
+def _is_layout_key(text: str) -> bool:
+    return text in _LAYOUT_KEYS or text.isdigit()
+
+
 def _is_wrapper_key(entry: Any) -> bool:
     return isinstance(entry, jax.tree_util.GetAttrKey) and entry.name in _WRAPPER_ATTRIBUTES
 
@@ -341,8 +360,37 @@ def _check_state_type(opt_state: Any) -> None:
         )
 
 
-def _raw_clipper(node: Any) -> tuple[str, ClipStats, str] | None:
-    """``(name, stats, scope)`` of a clipper state that became a plain dict, or None."""
+def _raw_report(node: Any) -> Any:
+    """A reported record (a guard's or ``spam``'s) that became a plain dict, rebuilt.
+
+    Matched by its field names, which no two reported classes share; None if none
+    matches.
+    """
+    if not _is_mapping(node):
+        return None
+    keys = frozenset(node)
+    matches = [cls for cls in _REPORTS if frozenset(getattr(cls, "_fields", ())) == keys]
+    return matches[0](**node) if len(matches) == 1 else None
+
+
+def _raw_stat_fields(node: Any, stat_fields: tuple[str, ...]) -> dict[str, Array]:
+    """The extra stat fields a spec declares (zclip's EMAs ...), read from a dict."""
+    values = {}
+    for field in stat_fields:
+        value = node
+        for attribute in field.split("."):
+            value = value.get(attribute) if _is_mapping(value) else getattr(value, attribute, None)
+        if value is not None:
+            values[field.rsplit(".", 1)[-1]] = _leaves(value)[0]
+    return values
+
+
+def _raw_clipper(node: Any) -> tuple[str, ClipStats, str, tuple[str, ...]] | None:
+    """``(name, stats, scope, stat_fields)`` of a clipper state that became a plain dict.
+
+    None if ``node`` is not one. The name is the clipper's when its layout names one
+    clipper, else "clipper".
+    """
     if not _is_mapping(node) or "count" not in node or not _is_mapping(node.get("stats")):
         return None
     record = node["stats"]
@@ -367,7 +415,9 @@ def _raw_clipper(node: Any) -> tuple[str, ClipStats, str] | None:
         norm=record["norm"], threshold=record["threshold"],
         scale=record.get("scale"), clipped=record.get("clipped"),
     )
-    return name, clip_stats, scope
+    # Extra stat fields, when every clipper with this layout declares the same ones.
+    declared = {tuple(s.stat_fields) for s in candidates}
+    return name, clip_stats, scope, declared.pop() if len(declared) == 1 else ()
 
 
 def _is_mapping(node: Any) -> bool:

@@ -317,3 +317,64 @@ def test_stats_unwraps_nnx_optimizer_state():
         assert isinstance(value, jax.Array), type(value)
     assert float(recorded["clip_by_global_norm/threshold"]) == 1.0
     assert float(recorded["clip_by_global_norm/norm"]) > 1.0
+
+
+# Every registered transformation, as a user would chain it, whose state is then
+# turned into the plain dicts an untargeted restore (orbax without a target,
+# flax.serialization.to_state_dict, nnx.state) gives.
+def _chained(name: str, info) -> optax.GradientTransformation:
+    if info.kind == "guard":
+        return info.build(inner=optax.chain(oc.clip_by_global_norm(1.0), optax.adam(1e-2)))
+    if info.kind == "moment_clipper":
+        return info.build(inner=optax.adam(1e-2))
+    if name == "clipped":
+        return oc.clipped(optax.adam(1e-2), global_clipnorm=1.0)
+    if name == "clip_by_group_norms":
+        return optax.chain(oc.clip_by_group_norms({"a": 1.0, "b": 0.5}, lambda p: jax.tree.map(
+            lambda _: "a", p) | {"b": "b"}), optax.adam(1e-2))
+    if name == "checked":
+        return optax.chain(oc.zclip(warmup_steps=2), optax.adam(1e-2))
+    return optax.chain(info.build(1.0), optax.adam(1e-2))
+
+
+RAW_NOT_COVERED = {"clip_per_example": "its input is a batch, not parameter-shaped: "
+                                       "test_per_example covers its records"}
+
+
+@pytest.mark.parametrize("name", sorted(
+    n for n, i in oc.registered_factories().items()
+    if i.factory.__module__.startswith("optaxclip.") and n not in RAW_NOT_COVERED))
+def test_stats_of_an_untargeted_restore_equal_the_live_ones(name):
+    """Keys and values, the guards' and spam's records and the declared extra fields
+    (zclip's EMAs, autoclip's count) included. Before, a guard's record and spam's
+    were dropped without a word, the extra fields were lost, and the names carried
+    the state's layout ("guard/skip_nonfinite", "0/zclip").
+    """
+    info = oc.registered_factories()[name]
+    tx = _chained(name, info)
+    params = {"a": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    state = tx.init(params)
+    for scale in (1.0, 30.0, 2.0, jnp.nan, 1.0):
+        grads = jax.tree.map(lambda p, s=scale: p * s, params)
+        _, state = jax.jit(tx.update)(grads, state, params)
+    live = oc.stats(state)
+    assert live, name
+    with pytest.warns(UserWarning, match="plain dicts"):
+        restored = oc.stats(flax.serialization.to_state_dict(state))
+
+    def records(report):
+        grouped: dict[str, dict] = {}
+        for key, value in report.items():
+            prefix, field = key.rsplit("/", 1)
+            grouped.setdefault(prefix, {})[field] = np.asarray(value)
+        return grouped
+
+    live, restored = records(live), records(restored)
+    assert len(restored) == len(live), (name, sorted(live), sorted(restored))
+    for prefix, values in restored.items():
+        # A plain dict has no types: clippers that share a state layout (a count and
+        # the stats) are named "clipper"; every other name is the live one.
+        matches = [p for p, v in live.items() if (p == prefix or prefix.endswith("clipper"))
+                   and v.keys() == values.keys()
+                   and all(np.array_equal(v[f], values[f], equal_nan=True) for f in v)]
+        assert matches, (name, prefix, values, live)
