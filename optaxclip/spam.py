@@ -118,9 +118,60 @@ def _missing_moment_error(inner_state: Any, detail: str) -> ValueError:
     )
 
 
+# States with a `nu` that is not a mean of g^2: AdaBelief's is a mean of (g - m)^2,
+# SM3's a momentum of preconditioned updates. Clipping g^2 against them flags
+# steady gradients as spikes.
+_NOT_SQUARED_GRADIENTS = {
+    "ScaleByBeliefState": "a mean of (g - m)^2 (AdaBelief), not of g^2",
+    "ScaleBySM3State": "a momentum of SM3's preconditioned updates, not a mean of g^2",
+}
+
+
+def _refuse_known(inner_state: Any) -> None:
+    for node in moment_nodes(inner_state):
+        if type(node).__name__ in _NOT_SQUARED_GRADIENTS:
+            raise _missing_moment_error(
+                inner_state, f"its `nu` is {_NOT_SQUARED_GRADIENTS[type(node).__name__]}")
+
+
+def _check_second_moment(inner: optax.GradientTransformation) -> None:
+    """Refuses an inner optimizer whose `nu` is not a running mean of squared gradients.
+
+    Known states are refused by type (here and in ``init``). Others are probed
+    once, on a scalar parameter, with ``jax.ensure_compile_time_eval``: one step
+    from a fresh state moves a mean of g^2 4x as far when the gradient doubles
+    (``optax.adamax`` keeps ``ScaleByAdamState`` with a maximum of |g|: 2x). The
+    gradients are small (2^-10, 2^-9), so a clipper inside the inner chain leaves
+    them alone. An inner optimizer the probe cannot run (a mask over the real
+    parameters, extra arguments) is not probed.
+    """
+    probe = jnp.zeros([], jnp.float32)
+    steps = []
+    with jax.ensure_compile_time_eval():
+        try:
+            for gradient in (2.0**-10, 2.0**-9):
+                state = inner.init(probe)
+                before = second_moments(state, probe)[0]
+                _, after_state = inner.update(jnp.asarray(gradient, jnp.float32), state, probe)
+                after = second_moments(after_state, probe)[0]
+                if before is None or after is None:
+                    break
+                steps.append(float(after) - float(before))
+        except Exception:  # noqa: BLE001 -- best effort; init checks what it can
+            return
+    _refuse_known(state)
+    # In magnitude: Yogi's nu moves toward g^2 from its initial value, either way.
+    if len(steps) == 2 and steps[0] != 0 and not 3.9 <= abs(steps[1] / steps[0]) <= 4.1:
+        raise _missing_moment_error(
+            state, f"its `nu` moved {abs(steps[1] / steps[0]):.3g}x as far when the gradient "
+                   f"doubled, not 4x, so it is not a running mean of g^2 (optax.adamax "
+                   f"keeps a maximum of |g| there)")
+
+
 def _check_moments(inner_state: Any, params: Any) -> None:
     if not moment_nodes(inner_state):
         raise _missing_moment_error(inner_state, "the inner state keeps no `nu`")
+    _refuse_known(inner_state)
     floats = [x for x in jax.tree.leaves(params) if _norms.is_float_leaf(x)]
     if floats and all(v is None for v in second_moments(inner_state, params)):
         raise _missing_moment_error(
@@ -358,7 +409,10 @@ def spam(
 
     Args:
       inner: an Adam-like optimizer, e.g. ``optax.adam(1e-3)`` or a chain that
-        contains ``optax.scale_by_adam()``.
+        contains ``optax.scale_by_adam()``: its ``nu`` must be a running mean of
+        g^2 (AdaBelief's, Adamax's and SM3's are not, and are refused). With one
+        whose ``nu`` starts above 0 and grows additively (``optax.yogi``: 1e-6),
+        gradients are clipped as spikes until ``nu`` catches up with them.
       theta: the spike threshold on ``g^2 / v`` (>= 0); the paper's 5000.
       reset_interval: reset the moments every this many steps (>= 1); None
         (default) never resets. The paper uses 500.
@@ -394,6 +448,7 @@ def spam(
     warmup_steps = validate_int(warmup_steps, "warmup_steps", minimum=0)
     spec = SpamSpec(theta=theta, reset_interval=reset_interval, warmup_steps=warmup_steps)
     inner = _check_inner(inner)
+    _check_second_moment(inner)
 
     def init_fn(params: Any) -> SpamState:
         inner_state = inner.init(params)

@@ -219,3 +219,50 @@ def test_steps_since_reset_counts_alike_with_and_without_resets():
         seen[interval] = since
     assert seen[None] == [0, 1, 2, 3, 4, 5]
     assert seen[4] == [0, 1, 2, 0, 1, 2]  # the moments reset before step 4
+
+
+# Inner optimizers whose `nu` is a running mean of g^2 (or, Yogi, tracks it), and ones
+# whose `nu` is something else: AdaBelief's mean of (g - m)^2, Adamax's maximum of |g|
+# (in ScaleByAdamState, so only its behaviour tells), SM3's momentum. The second kind
+# was accepted, and a steady gradient was then clipped as a spike.
+SQUARED_MOMENTS = {
+    "adam": lambda: optax.adam(1e-2), "adamw": lambda: optax.adamw(1e-2),
+    "nadam": lambda: optax.nadam(1e-2), "amsgrad": lambda: optax.amsgrad(1e-2),
+    "radam": lambda: optax.radam(1e-2),
+    "rmsprop": lambda: optax.rmsprop(1e-2), "lamb": lambda: optax.lamb(1e-2),
+    "clip_then_adam": lambda: optax.chain(optax.clip_by_global_norm(1.0),
+                                          optax.scale_by_adam(), optax.scale(-1e-2)),
+    "injected_adam": lambda: optax.inject_hyperparams(optax.adam)(1e-2),
+}
+OTHER_MOMENTS = {
+    "adabelief": lambda: optax.adabelief(1e-2),
+    "adamax": lambda: optax.adamax(1e-2),
+    "sm3": lambda: optax.sm3(1e-2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SQUARED_MOMENTS))
+def test_inner_optimizers_with_a_mean_of_squared_gradients_are_accepted(name):
+    tx = oc.spam(SQUARED_MOMENTS[name](), theta=5000.0)
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    state = tx.init(params)
+    steady = jax.tree.map(lambda p: jnp.ones_like(p) * 0.5, params)
+    for step in range(50):  # a steady gradient is never a spike
+        _, state = jax.jit(tx.update)(steady, state, params)
+        assert int(oc.stats(state)["spam/num_clipped"]) == 0, (name, step)
+
+
+def test_yogi_is_accepted_and_its_first_gradients_are_spikes_against_its_initial_nu():
+    # Yogi's nu tracks g^2 but starts at 1e-6 and grows additively, so a steady
+    # gradient is clipped until nu catches up (the docstring says so).
+    tx = oc.spam(optax.yogi(1e-2), theta=5000.0)
+    params = {"w": jnp.zeros(3)}
+    _, state = tx.update({"w": jnp.full(3, 0.5)}, tx.init(params), params)
+    assert int(oc.stats(state)["spam/num_clipped"]) == 3
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_MOMENTS))
+def test_inner_optimizers_whose_nu_is_something_else_are_refused(name):
+    with pytest.raises(ValueError, match=r"spam\(inner\).*its `nu` (is|moved)"):
+        # SM3 does not run on the scalar probe: init, on the real parameters, refuses it.
+        oc.spam(OTHER_MOMENTS[name]()).init({"w": jnp.zeros(3)})
