@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optaxclip import _norms, _reductions, _scaling, _spec, _state
+from optaxclip import _history, _norms, _reductions, _scaling, _spec, _state
 from optaxclip._registry import register_factory
 from optaxclip._validate import is_traced, validate_int, validate_real, validate_threshold
 
@@ -36,8 +36,9 @@ class PerExampleStats(NamedTuple):
     """What ``clip_per_example`` did on its last update; ``optaxclip.stats`` reports it.
 
     Attributes:
-      norm_max: the largest pre-clip per-example global norm (float32).
-      norm_median: the median pre-clip per-example global norm (float32).
+      norm_max: the largest pre-clip per-example global norm (float32; float64
+        under x64 when the parameters are, or none were given to ``init``).
+      norm_median: the median pre-clip per-example global norm (as ``norm_max``).
       clipped_fraction: the fraction of examples whose gradient was changed
         (scale != 1; with ``per_layer``, any of its layers).
       threshold: ``max_norm`` as used (a traced value after clamping at 0).
@@ -431,9 +432,10 @@ def clip_per_example(
         raise ValueError(f"seed must be a 64-bit int, below 2**63; got {seed!r}.")
 
     def init_fn(params: Any) -> ClipPerExampleState:
-        del params
-        zero = jnp.zeros([], jnp.float32)
-        stats = PerExampleStats(zero, zero, zero, zero, zero)
+        # float64 under x64 when the parameters are (or none are given), so a norm
+        # past float32's range is recorded, not overflowed to inf.
+        zero = jnp.zeros([], _history.dtype_for(params))
+        stats = PerExampleStats(zero, zero, zero.astype(jnp.float32), zero, zero)
         key = jax.random.key_data(_key_from_seed(seed))
         return ClipPerExampleState(jnp.zeros([], jnp.int32), key, stats)
 
@@ -453,7 +455,7 @@ def clip_per_example(
             )
         batch = sizes.pop() if sizes else 0
         # Held in at least float32 (float64 with jax_enable_x64), so float64
-        # gradients get float64 scales; the stats record it as float32.
+        # gradients get float64 scales; the stats keep init's dtype.
         threshold = _scaling.threshold_at(max_norm, state.count)  # clamped at 0; NaN stays
         if arrays and batch > 0:
             norms, scales, clipped = _example_scales(arrays, threshold, per_layer)
@@ -470,17 +472,20 @@ def clip_per_example(
                 key = jax.random.key_data(key)
             else:
                 sub = _as_key(noise_key)
-            std = (noise_multiplier * threshold).astype(jnp.float32)
+            # In the threshold's own dtype: under x64 a max_norm of 1e40 is finite.
+            std = noise_multiplier * threshold
             noises: list[Any] = _noise(sub, arrays, std)
         else:
-            std, noises = jnp.zeros([], jnp.float32), [None] * len(arrays)
+            std, noises = jnp.zeros([], threshold.dtype), [None] * len(arrays)
         divisor = max(batch, 1) if reduce == "mean" else 1
         out = [_first_example(x) for x in leaves]
         totals = _weighted_sums(arrays, scales)
         for i, x, total, n in zip(positions, arrays, totals, noises):
             out[i] = _finish(total, x, n, divisor)
-        stats = PerExampleStats(norm_max.astype(jnp.float32), norm_median.astype(jnp.float32),
-                                fraction, threshold.astype(jnp.float32), std)
+        dtype = state.stats.norm_max.dtype
+        stats = PerExampleStats(norm_max.astype(dtype), norm_median.astype(dtype),
+                                fraction.astype(jnp.float32), threshold.astype(dtype),
+                                std.astype(dtype))
         return treedef.unflatten(out), ClipPerExampleState(
             jnp.asarray(optax.safe_increment(state.count)), key, stats)
 

@@ -1236,3 +1236,29 @@ def test_group_labels_are_looked_up_by_equality():
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
     with pytest.raises(ValueError, match="labelled 'other'"):
         oc.clip_by_group_norms({"weight": 1.0}, {"w": "weight", "b": "other"}).init(params)
+
+
+# 31. Under x64 clip_per_example narrowed to float32: finite per-example norms of 5e200
+# were recorded as inf (norm_max, norm_median), and with noise a finite max_norm of 1e40
+# gave a noise std of inf, so every output entry was inf. The stats are held in the
+# parameters' dtype (float64 for tx.init(None) under x64) and the noise std in the
+# threshold's.
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_clip_per_example_under_x64_keeps_float64(jit):
+    with jax.enable_x64(True):
+        batch = {"w": jnp.array([[3e200, 4e200], [1.5e200, 2e200]], jnp.float64)}
+        tx = oc.clip_per_example(1.0)
+        update = jax.jit(tx.update) if jit else tx.update
+        out, state = update(batch, tx.init(None))
+        np.testing.assert_allclose(np.asarray(out["w"]), [0.6, 0.8], rtol=1e-12)
+        report = oc.stats(state)
+        np.testing.assert_allclose(float(report["clip_per_example/norm_max"]), 5e200, rtol=1e-12)
+        np.testing.assert_allclose(float(report["clip_per_example/norm_median"]), 3.75e200,
+                                   rtol=1e-12)
+        noisy = oc.clip_per_example(1e40, noise_multiplier=1.0, reduce="sum")
+        out, state = (jax.jit(noisy.update) if jit else noisy.update)(batch, noisy.init(None))
+        assert bool(jnp.all(jnp.isfinite(out["w"])))
+        assert float(oc.stats(state)["clip_per_example/noise_std"]) == 1e40
+        # The layout init gives is the layout update keeps (a lax.scan carry).
+        layout = lambda s: [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(s)]
+        assert layout(state) == layout(noisy.init(None))
