@@ -85,6 +85,17 @@ def register_factory(
 
     def decorate(factory: F) -> F:
         name = factory.__name__
+        known = _FACTORIES.get(name)
+        if known is not None and known.factory is not factory and _is_builtin(known.factory) \
+                and not _is_builtin(factory):
+            raise ValueError(
+                f"register_factory: {name!r} is optaxclip's own {name}; registering "
+                f"{factory.__module__}.{factory.__qualname__} under that name would replace "
+                f"it in every enumeration (the contract tests, check_factory). Give your "
+                f"factory another name."
+            )
+        # A factory of yours registered again (a notebook cell run twice) replaces
+        # the earlier one.
         _FACTORIES[name] = FactoryInfo(
             name=name,
             factory=factory,
@@ -97,6 +108,10 @@ def register_factory(
         return factory
 
     return decorate
+
+
+def _is_builtin(factory: Any) -> bool:
+    return getattr(factory, "__module__", "").startswith("optaxclip.")
 
 
 def registered_factories() -> dict[str, FactoryInfo]:

@@ -644,7 +644,16 @@ def _as_info(factory: Any) -> FactoryInfo:
             f"{name!r} is not a registered factory; decorate it with "
             f"@optaxclip.register_factory(threshold='...') first."
         )
-    return registry[name]
+    info = registry[name]
+    if not isinstance(factory, str) and info.factory is not factory:
+        # Another function of that name is registered: checking it instead would
+        # report on the wrong code.
+        raise ValueError(
+            f"{getattr(factory, '__module__', '?')}.{name} is not registered: the factory "
+            f"registered as {name!r} is {info.factory.__module__}.{name}. Decorate yours with "
+            f"@optaxclip.register_factory(threshold='...') under a name of its own."
+        )
+    return info
 
 
 # ---------------------------------------------------------------- moment clippers (spam)

@@ -94,3 +94,36 @@ def test_a_rules_threshold_is_clamped_at_zero_whatever_its_type(scope, value):
             # Never a sign flipped: each entry is 0, NaN, or has its input's sign.
             same_sign = (jnp.sign(leaf) == jnp.sign(before)) | (leaf == 0) | jnp.isnan(leaf)
             assert bool(jnp.all(same_sign)), (scope, value)
+
+
+def test_the_registry_goes_by_the_function_not_only_its_name():
+    """check_factory looked a callable up by __name__ only, so a user's unregistered
+    clip_by_rms "passed" on the library's; register_factory silently replaced a
+    built-in of the same name in every enumeration."""
+    from optaxclip import _registry
+
+    def clip_by_rms(max_rms):  # a user's function, named like the library's
+        raise RuntimeError("never called")
+
+    with pytest.raises(ValueError, match=r"clip_by_rms is not registered.*optaxclip\.rms"):
+        optaxclip.testing.check_factory(clip_by_rms)
+    with pytest.raises(ValueError, match=r"'clip_by_rms' is optaxclip's own.*another name"):
+        oc.register_factory(threshold="max_rms")(clip_by_rms)
+    assert oc.registered_factories()["clip_by_rms"].factory is oc.clip_by_rms
+
+    # A factory of the user's own, registered twice (a notebook cell run again),
+    # is replaced by the second.
+    def user_clip_twice(max_rms):
+        return oc.clip_by_rms(max_rms)
+
+    first = user_clip_twice
+    try:
+        oc.register_factory(threshold="max_rms")(first)
+
+        def user_clip_twice(max_rms):  # noqa: F811 -- the cell run again
+            return oc.clip_by_rms(max_rms)
+
+        oc.register_factory(threshold="max_rms")(user_clip_twice)
+        assert oc.registered_factories()["user_clip_twice"].factory is user_clip_twice
+    finally:
+        _registry._FACTORIES.pop("user_clip_twice", None)
