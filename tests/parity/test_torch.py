@@ -173,6 +173,32 @@ def test_clip_grad_value_matches_torch_exactly(clip_value, jit):
     assert np.isnan(stats["clip_by_value/norm"])  # a NaN entry shows in the stats
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("seed", range(3))
+def test_clip_grad_value_in_half_precision_differs_by_the_rounding_of_clip_value(dtype, seed):
+    """Where ``clip_value`` is not representable in the dtype, torch rounds it to the
+    nearest value (possibly above it) and optaxclip to the largest value at or below
+    it, so its bound holds: clipped entries differ by at most one ulp, the rest are
+    identical (what the README's torch table says)."""
+    rng = np.random.default_rng(seed)
+    clip_value = float(rng.uniform(0.05, 3.0))
+    values = rng.normal(size=64).astype(np.float32) * 2
+    torch_dtype = getattr(torch, dtype)
+    grad = torch.tensor(values).to(torch_dtype)
+    param = torch.nn.Parameter(torch.zeros(64, dtype=torch_dtype))
+    param.grad = grad.clone()
+    torch.nn.utils.clip_grad_value_([param], clip_value)
+    theirs = param.grad.to(torch.float32).numpy()
+    out, _ = oc.clip_by_value(clip_value).update(
+        jnp.asarray(grad.to(torch.float32).numpy(), dtype), oc.clip_by_value(clip_value).init(None))
+    ours = np.asarray(out, np.float32)
+    inside = np.abs(grad.to(torch.float32).numpy()) <= min(np.abs(theirs).max(), clip_value)
+    np.testing.assert_array_equal(ours[inside], theirs[inside])
+    assert np.all(np.abs(ours) <= clip_value)  # the bound, in the dtype
+    ulp = float(jnp.finfo(dtype).eps) * max(clip_value, 1e-3) * 2
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=ulp)
+
+
 # ------------------------------------------------------------------- get_total_norm
 
 
