@@ -13,13 +13,14 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Hypothesis profiles: "ci" (the default, what `make test` runs) keeps the contract
-# matrix inside the suite's time budget and is derandomized, so a run is
-# reproducible; "fuzz" (`make fuzz`) draws many more cases.
+# matrix inside the suite's time budget (8 drawn cases per test, besides each test's
+# always-run examples) and is derandomized, so a run is reproducible; "fuzz"
+# (`make fuzz`) draws many more cases (OPTAXCLIP_FUZZ_EXAMPLES, 400 by default).
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci",
-    max_examples=int(os.environ.get("OPTAXCLIP_CI_EXAMPLES", "12")),
+    max_examples=int(os.environ.get("OPTAXCLIP_CI_EXAMPLES", "8")),
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -323,15 +323,34 @@ def stats(opt_state: Any, *, per_leaf: bool = False) -> dict[str, Array]:
             "keeps no stats: use optaxclip.clip_by_global_norm), or this is not the "
             "optimizer state (pass opt_state, or optimizer.opt_state for nnx.Optimizer)."
         ))
-    short_counts: dict[str, int] = {}
-    for short, _, _ in entries:
-        short_counts[short] = short_counts.get(short, 0) + 1
     out: dict[str, Array] = {}
-    for short, full, values in entries:
-        prefix = short if short_counts[short] == 1 else full
+    for prefix, (_, _, values) in zip(_unique_prefixes(entries), entries):
         for field, value in values.items():
             out[f"{prefix}/{field}"] = value
     return out
+
+
+def _unique_prefixes(entries: list[tuple[str, str, Any]]) -> list[str]:
+    """Each entry's short name, or its full path where a name is taken twice.
+
+    Repeated until no two entries share a prefix: a short name can equal another
+    clipper's full path (a ``named_chain`` entry called "0" inside a chain). Full
+    paths that still coincide (a list index and a dict key both written "0") get
+    the entry's position appended.
+    """
+    prefixes = [short for short, _, _ in entries]
+    for _ in range(2):
+        counts: dict[str, int] = {}
+        for prefix in prefixes:
+            counts[prefix] = counts.get(prefix, 0) + 1
+        if all(counts[p] == 1 for p in prefixes):
+            return prefixes
+        prefixes = [full if counts[p] > 1 else p
+                    for p, (_, full, _) in zip(prefixes, entries)]
+    counts = {}
+    for prefix in prefixes:
+        counts[prefix] = counts.get(prefix, 0) + 1
+    return [f"{p}#{i}" if counts[p] > 1 else p for i, p in enumerate(prefixes)]
 
 
 # In a state that became plain dicts (an untargeted restore), the field names of

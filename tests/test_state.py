@@ -378,3 +378,39 @@ def test_stats_of_an_untargeted_restore_equal_the_live_ones(name):
                    and v.keys() == values.keys()
                    and all(np.array_equal(v[f], values[f], equal_nan=True) for f in v)]
         assert matches, (name, prefix, values, live)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stats_keys_stay_unique_in_generated_nestings(seed):
+    """Chains, named_chains with labels like "0" (which equal a chain index's text)
+    and multi_transform labels, nested at random: every clipper gets its own keys.
+    Before, a short key equal to another clipper's full path overwrote it."""
+    rng = np.random.default_rng(seed)
+    thresholds = iter(np.arange(1.0, 100.0))
+    count = 0
+
+    def build(depth: int):
+        nonlocal count
+        if depth == 0 or rng.random() < 0.3:
+            count += 1
+            return oc.clip_by_global_norm(float(next(thresholds)))
+        children = [build(depth - 1) for _ in range(int(rng.integers(1, 4)))]
+        kind = rng.integers(0, 2)
+        if kind == 0:
+            return optax.chain(*children)
+        labels = rng.choice(["0", "1", "2", "clip_by_global_norm", "a"], len(children),
+                            replace=False)
+        return optax.named_chain(*zip(map(str, labels), children))
+
+    if seed == 0:  # the reported nesting: a named_chain entry "0" beside two clippers
+        count = 3
+        tx = optax.chain(oc.clip_by_global_norm(1.0), optax.chain(oc.clip_by_global_norm(2.0)),
+                         optax.named_chain(("0", oc.clip_by_global_norm(3.0))))
+    else:
+        tx = build(3)
+    params = {"w": jnp.ones(2)}
+    _, state = tx.update({"w": jnp.array([30.0, 40.0])}, tx.init(params), params)
+    report = oc.stats(state)
+    thresholds_seen = sorted(float(v) for k, v in report.items() if k.endswith("/threshold"))
+    assert thresholds_seen == [float(t) for t in range(1, count + 1)], (sorted(report), count)
+    assert len(report) == 4 * count
