@@ -254,6 +254,18 @@ def _adversarial_gradients(params: Any, max_norm: float, steps: int, seed: int) 
             total = math.sqrt(sum(float(np.sum(d * d)) for d in direction if d is not None))
             direction = [d if d is None else d / max(total, 1e-30) for d in direction]
         size = max_norm * 10.0 ** rng.uniform(3, 6)
+        # Entries inside each leaf's dtype (fp16's largest is 65504): a gradient cast
+        # to inf would be the clipper's documented NaN, not a test of the ordering.
+        for x, d in zip(leaves, direction):
+            if d is not None and d.size:
+                cap = float(jnp.finfo(jnp.asarray(x).dtype).max) / 4
+                size = min(size, cap / max(float(np.max(np.abs(d))), 1e-30))
+        if size <= 2 * max_norm:
+            raise ValueError(
+                f"max_norm={max_norm!r} leaves no room above it in the parameters' "
+                f"dtypes: gradients past the clip ball would overflow them. Pass a "
+                f"smaller max_norm, or float32 parameters."
+            )
         grads = [
             x if d is None else jnp.asarray(d * size, jnp.asarray(x).dtype)
             for x, d in zip(leaves, direction)
@@ -276,7 +288,10 @@ def assert_moments_bounded(
 
     Feeds ``steps`` random gradients of global L2 norm ``1e3 .. 1e6 x max_norm``
     (seeded; pairs of steps share a direction, the worst case for momentum) and,
-    after every step, measures each accumulator that consumes the gradient.
+    after every step, measures each accumulator that consumes the gradient. In
+    a narrow dtype the norm is lowered so every entry stays under a quarter of
+    the dtype's largest value (fp16: 16376); a ``ValueError`` says so when that
+    leaves the gradients less than twice ``max_norm``.
 
     Bounds, for gradients of global L2 norm at most ``c = max_norm`` after
     clipping (derived by induction over the steps, starting from the init):

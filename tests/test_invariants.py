@@ -612,3 +612,20 @@ def _jitted_checked_update(name, threshold, guarded):
     if (name, threshold) not in _JITTED:
         _JITTED[name, threshold] = jax.jit(checkify.checkify(guarded.update))
     return _JITTED[name, threshold]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_moments_bounded_in_narrow_parameter_dtypes(dtype):
+    """fp16 parameters: the adversarial gradients (1e3..1e6 x max_norm) were cast to
+    inf, the clipper turned them into its documented NaN, and the check blamed the
+    order of a chain whose clipper was first."""
+    params = {"w": jnp.zeros((4, 3), dtype), "b": jnp.zeros(3, dtype)}
+    right = optax.chain(oc.clip_by_global_norm(1.0), optax.adam(1e-3))
+    wrong = optax.chain(optax.adam(1e-3), oc.clip_by_global_norm(1.0))
+    ratios = oc.assert_moments_bounded(right, params, 1.0, steps=3)
+    assert ratios and all(0 < r <= 1.0 for r in ratios.values())
+    with pytest.raises(AssertionError, match="put the clipper before it"):
+        oc.assert_moments_bounded(wrong, params, 1.0, steps=3)
+    if dtype == "float16":
+        with pytest.raises(ValueError, match=r"max_norm=100000\.0 leaves no room"):
+            oc.assert_moments_bounded(right, params, 1e5, steps=3)
