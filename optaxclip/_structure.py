@@ -189,8 +189,12 @@ def find_stages(tx: Any, params: Any) -> list[Stage]:
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
             jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):
         # An init (e.g. a mask function) that needs concrete values: initialise on
-        # zeros instead. Still no update runs.
-        abstract = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
+        # the parameters given, when they are concrete (a mask of their values then
+        # covers what it will cover in training), else on zeros. No update runs.
+        concrete = all(not isinstance(x, (jax.ShapeDtypeStruct, jax.core.Tracer))
+                       for x in jax.tree.leaves(params))
+        abstract = params if concrete else jax.tree.map(
+            lambda x: jnp.zeros(x.shape, x.dtype), abstract)
         state = tx.init(abstract)
     walker = _Walker()
     walker.walk(tx, state, abstract, [], [], (), None)

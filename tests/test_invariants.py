@@ -629,3 +629,20 @@ def test_moments_bounded_in_narrow_parameter_dtypes(dtype):
     if dtype == "float16":
         with pytest.raises(ValueError, match=r"max_norm=100000\.0 leaves no room"):
             oc.assert_moments_bounded(right, params, 1e5, steps=3)
+
+
+def test_check_order_reads_a_value_dependent_mask_on_the_parameters_given():
+    """A mask that needs concrete values (here: which leaves are nonzero) was evaluated
+    on zeros, so Adam seemed to cover nothing and a clipper after it passed."""
+    params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
+    mask = lambda p: jax.tree.map(lambda x: bool(jnp.all(x != 0)), p)  # noqa: E731
+    wrong = optax.chain(optax.masked(optax.adam(1e-3), mask), oc.clip_by_global_norm(1.0))
+    right = optax.chain(oc.clip_by_global_norm(1.0), optax.masked(optax.adam(1e-3), mask))
+    with pytest.raises(oc.OrderingError, match="runs after scale_by_adam"):
+        oc.check_order(wrong, params)
+    oc.check_order(right, params)
+    # The clipper covers only what the mask leaves to Adam's complement: no overlap.
+    apart = optax.chain(optax.masked(optax.adam(1e-3), mask),
+                        optax.masked(oc.clip_by_global_norm(1.0), lambda p: jax.tree.map(
+                            lambda m: not m, mask(p))))
+    oc.check_order(apart, params, allow_group_norms=True)
