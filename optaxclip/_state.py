@@ -251,7 +251,8 @@ def stats(opt_state: Any, *, per_leaf: bool = False) -> dict[str, Array]:
     ``flax.traverse_util.unflatten_dict(stats, sep="/")`` works).
 
     Works eagerly and inside ``jit``; it reads stored values and never recomputes
-    a norm. States restored without a target, or taken with ``nnx.state``, are
+    a norm. The values are copies, so a metrics dict outlives a later step that
+    donates the state. States restored without a target, or taken with ``nnx.state``, are
     plain dicts: they are still read (see ``Edge cases``).
 
     Edge cases:
@@ -326,7 +327,10 @@ def stats(opt_state: Any, *, per_leaf: bool = False) -> dict[str, Array]:
     out: dict[str, Array] = {}
     for prefix, (_, _, values) in zip(_unique_prefixes(entries), entries):
         for field, value in values.items():
-            out[f"{prefix}/{field}"] = value
+            # Copies (free under jit): read eagerly, a value may be the state's own
+            # buffer, which the next donated step deletes from a metrics dict kept
+            # for logging.
+            out[f"{prefix}/{field}"] = jnp.array(value, copy=True)
     return out
 
 

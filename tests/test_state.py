@@ -414,3 +414,22 @@ def test_stats_keys_stay_unique_in_generated_nestings(seed):
     thresholds_seen = sorted(float(v) for k, v in report.items() if k.endswith("/threshold"))
     assert thresholds_seen == [float(t) for t in range(1, count + 1)], (sorted(report), count)
     assert len(report) == 4 * count
+
+
+@pytest.mark.parametrize("name", sorted(
+    n for n, i in oc.registered_factories().items()
+    if i.factory.__module__.startswith("optaxclip.") and n not in RAW_NOT_COVERED))
+def test_stats_read_eagerly_outlive_a_donated_step(name):
+    """Read outside jit, stats() handed back the state's own buffers: a metrics dict
+    kept for later logging raised "Array has been deleted" after the next step
+    donated the state."""
+    tx = _chained(name, oc.registered_factories()[name])
+    params = {"a": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    step = jax.jit(tx.update, donate_argnums=1)
+    state = tx.init(params)
+    _, state = step(jax.tree.map(lambda p: p * 30.0, params), state, params)
+    metrics = oc.stats(state)
+    want = {k: np.asarray(v).copy() for k, v in metrics.items()}
+    _, state = step(jax.tree.map(lambda p: p * 2.0, params), state, params)
+    for key, value in metrics.items():
+        np.testing.assert_array_equal(np.asarray(value), want[key], err_msg=key)
