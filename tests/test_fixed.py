@@ -450,6 +450,14 @@ def test_bad_ord_raises_value_error_naming_ord(factory, bad_ord):
 
 
 @pytest.mark.parametrize("factory", [oc.clip_by_norm, oc.clip_by_global_norm])
+@pytest.mark.parametrize("text", ["inf", "Infinity", "fro"])
+def test_an_ord_given_as_torch_or_numpy_text_says_what_to_pass(factory, text):
+    want = r"ord=math\.inf \(a float" if text != "fro" else r"ord=2 is the Frobenius norm"
+    with pytest.raises(ValueError, match=want):
+        factory(1.0, ord=text)
+
+
+@pytest.mark.parametrize("factory", [oc.clip_by_norm, oc.clip_by_global_norm])
 @pytest.mark.parametrize("bad", [3, ("data", 1), {"a": "b"}])
 def test_bad_axis_name_raises_value_error_naming_it(factory, bad):
     with pytest.raises(ValueError, match="axis_name"):
