@@ -324,13 +324,15 @@ def stats(opt_state: Any, *, per_leaf: bool = False) -> dict[str, Array]:
             "keeps no stats: use optaxclip.clip_by_global_norm), or this is not the "
             "optimizer state (pass opt_state, or optimizer.opt_state for nnx.Optimizer)."
         ))
+    # A value that is one of the state's own buffers is copied: the next donated step
+    # would delete it from a metrics dict kept for logging. (Summaries are new arrays
+    # already, and under jit a copy is free.)
+    own = {id(x) for x in jax.tree.leaves(opt_state)}
     out: dict[str, Array] = {}
     for prefix, (_, _, values) in zip(_unique_prefixes(entries), entries):
         for field, value in values.items():
-            # Copies (free under jit): read eagerly, a value may be the state's own
-            # buffer, which the next donated step deletes from a metrics dict kept
-            # for logging.
-            out[f"{prefix}/{field}"] = jnp.array(value, copy=True)
+            out[f"{prefix}/{field}"] = jnp.array(value, copy=True) if id(value) in own \
+                else value
     return out
 
 
