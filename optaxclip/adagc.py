@@ -112,7 +112,8 @@ def adagc(
       beta: EMA coefficient in [0, 1) (paper: 0.98).
       warmup_steps: number of finite steps clipped globally (>= 1; paper: 100).
       axis_name: under ``shard_map``/``pmap``, the axis the gradients are
-        sharded over.
+        sharded over. With ``stacked=True`` it must not split the layer axis
+        (the shards' layers differ; not detected).
       stacked: every leaf's leading axis indexes stacked layers: each layer is
         a tensor of its own, with its own ``gamma``, norm, limit and scale.
 

@@ -130,7 +130,9 @@ def adaptive_grad_clip(
       axis: the output axis (int) or axes (tuple) of >1-D weights, each index
         along them a separate unit; None means the last axis.
       axis_name: under ``shard_map``/``pmap``, the axis the leaves are sharded
-        over, so unit norms cover every shard.
+        over, so unit norms cover every shard. It may only split the reduced axes
+        (a kernel's input axis): a shard of the output axis holds other units,
+        and psumming their norms would mix them (not detected).
       stacked: every leaf's (and weight's) leading axis indexes stacked layers:
         each layer's slice is split into units as an unstacked leaf of that
         shape would be (``axis`` counts within the slice), so a ``[L, in, out]``

@@ -214,7 +214,9 @@ def clip_by_norm(
       ord: 1, 2, ``inf``, or any float p > 0. ``None`` (the default) means 2; it
         keeps ``optax.inject_hyperparams`` from injecting the order as an array.
       axis_name: under ``shard_map``/``pmap``, the axis (or axes) the leaves are
-        sharded over, so each leaf's norm covers all its shards.
+        sharded over, so each leaf's norm covers all its shards. With
+        ``stacked=True`` it must not split the layer axis: the shards' layers
+        differ, and psumming their norms would mix them (not detected).
       stacked: every leaf's leading axis indexes stacked layers (``nn.scan``,
         ``lax.scan`` over a layer stack): each layer is clipped by its own norm,
         and the stats hold one norm and scale per layer
@@ -367,7 +369,8 @@ def clip_by_block_rms(
         schedule of the step count.
       axis_name: under ``shard_map``/``pmap``, the axis (or axes) the leaves are
         sharded over; each leaf's RMS then covers every shard (entries counted
-        across shards too).
+        across shards too). With ``stacked=True`` it must not split the layer
+        axis (the shards' layers differ; not detected).
       stacked: every leaf's leading axis indexes stacked layers: each layer is
         a block with its own RMS (its entries only), and the stats hold one
         RMS and scale per layer. Scalars are one block.

@@ -14,6 +14,7 @@ gradient clipper::
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal, NamedTuple
 
@@ -25,7 +26,14 @@ from jax import lax
 
 from optaxclip import _history, _norms, _reductions, _scaling, _spec, _state
 from optaxclip._registry import register_factory
-from optaxclip._validate import is_traced, validate_int, validate_real, validate_threshold
+from optaxclip._validate import (
+    AxisName,
+    is_traced,
+    validate_axis_name,
+    validate_int,
+    validate_real,
+    validate_threshold,
+)
 
 Array = jax.Array
 
@@ -77,11 +85,11 @@ Reduce = Literal["mean", "sum"]
 
 
 def _example_scales(
-    leaves: list[Array], threshold: Array, per_layer: bool
+    leaves: list[Array], threshold: Array, per_layer: bool, axis_name: AxisName = None
 ) -> tuple[Array, list[tuple[Array, Array]], Array]:
     """``(global norms [B], per-leaf (high, low) scales [B] each, example clipped [B])``."""
     if not per_layer:
-        norms = _norms.batched_global_norm(leaves)
+        norms = _norms.batched_global_norm(leaves, axis_name=axis_name)
         # The threshold in the gradients' accumulation dtype (float64 for float64).
         threshold = threshold.astype(norms.dtype)
         scale, _ = _scaling.scale_factor(norms, threshold)
@@ -90,12 +98,14 @@ def _example_scales(
         # exact scale comes from the example's largest entry. The cond keeps that
         # second read off the usual path.
         overflowed = jnp.isposinf(norms)
-        scale, low = lax.cond(jnp.any(overflowed), _rescued_scales, lambda *a: (a[0], a[1]),
-                              scale, low, leaves, threshold, overflowed)
+        scale, low = lax.cond(jnp.any(overflowed),
+                              functools.partial(_rescued_scales, axis_name=axis_name),
+                              lambda *a: (a[0], a[1]), scale, low, leaves, threshold,
+                              overflowed)
         pair: tuple[Array, Array] = (scale, low)
         return norms, [pair] * len(leaves), scale != 1
     rows = [x.reshape(x.shape[0], -1) for x in leaves]  # a reshape, not a copy
-    parts = _norms.unit_norm_parts(rows, 2.0, [(1,)] * len(rows))
+    parts = _norms.unit_norm_parts(rows, 2.0, [(1,)] * len(rows), axis_name)
     # One [L, B] computation for every layer's scale instead of L small ones.
     acc = jnp.result_type(*[root.dtype for root, _ in parts])
     share = threshold.astype(acc) / math.sqrt(len(leaves))
@@ -132,7 +142,7 @@ def _parts_scale(norm: Array, root: Array, multiplier: Array,
 
 
 def _rescued_scales(scale: Array, low: Array, leaves: list[Array], threshold: Array,
-                    overflowed: Array) -> tuple[Array, Array]:
+                    overflowed: Array, axis_name: AxisName = None) -> tuple[Array, Array]:
     """Scales of overflowed examples from ``norm = 2^k ||g 2^-k||``.
 
     A norm that overflows from finite entries has every entry below 2^128, so
@@ -142,7 +152,7 @@ def _rescued_scales(scale: Array, low: Array, leaves: list[Array], threshold: Ar
     acc = _norms._widest(leaves)
     multiplier = jnp.asarray(2.0 ** _norms._rescue_exponent(acc), acc)
     root = _norms.batched_global_norm([_norms._multiplied(x, 1 / multiplier, acc)
-                                       for x in leaves])
+                                       for x in leaves], axis_name=axis_name)
     return _scaling.rescale_overflowed(scale, low, overflowed, threshold.astype(acc),
                                        multiplier, root)
 
@@ -297,6 +307,7 @@ def clip_per_example(
     per_layer: bool = False,
     noise_multiplier: float = 0.0,
     seed: int = 0,
+    axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Clips each example's gradient to ``max_norm``, then returns the batch mean or sum.
 
@@ -384,6 +395,13 @@ def clip_per_example(
       noise_multiplier: ``sigma >= 0``; the Gaussian noise added to the sum
         has standard deviation ``sigma * C``. 0 (default) adds none.
       seed: seeds the noise key kept in the state.
+      axis_name: under ``shard_map``/``pmap``, the mesh axis (or axes) that split
+        each example's gradient leaves (tensor parallelism): the per-example norms
+        then cover every shard, as the sensitivity bound needs. It must not split
+        the example axis. Without it, each shard clips by the norm of its own
+        slice, and an example's contribution can reach ``C * sqrt(shards)``. Not
+        with noise (``ValueError``): every shard would draw the same noise for
+        different coordinates.
 
     Returns:
       The transformation; ``init(params)`` takes the parameters (no example
@@ -427,6 +445,14 @@ def clip_per_example(
             "noise_multiplier > 0 needs a finite max_norm: the noise is scaled by the "
             f"sensitivity max_norm, and max_norm={max_norm!r} bounds nothing."
         )
+    axis_name = validate_axis_name(axis_name)
+    if axis_name is not None and noise_multiplier > 0:
+        raise ValueError(
+            f"clip_per_example: noise_multiplier > 0 with axis_name={axis_name!r} is not "
+            f"supported: every shard would draw the same noise for different coordinates "
+            f"(correlated noise breaks the Gaussian mechanism). Clip with axis_name and "
+            f"noise_multiplier=0.0, then add the noise to the gathered sum."
+        )
     seed = validate_int(seed, "seed", minimum=-(2**63))
     if seed >= 2**63:
         raise ValueError(f"seed must be a 64-bit int, below 2**63; got {seed!r}.")
@@ -458,7 +484,7 @@ def clip_per_example(
         # gradients get float64 scales; the stats keep init's dtype.
         threshold = _scaling.threshold_at(max_norm, state.count)  # clamped at 0; NaN stays
         if arrays and batch > 0:
-            norms, scales, clipped = _example_scales(arrays, threshold, per_layer)
+            norms, scales, clipped = _example_scales(arrays, threshold, per_layer, axis_name)
             norm_max, norm_median = _reductions.max_keeping_nan(norms), _median(norms)
             fraction = jnp.mean(clipped.astype(jnp.float32))
         else:

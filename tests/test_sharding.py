@@ -689,3 +689,37 @@ def test_shard_map_over_two_axes_equals_unsharded(name):
     if name.startswith("skip_"):
         assert flags(-1) == [True], name  # the NaN step is skipped
     assert not any(flags(0)), name
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("seed", range(2))
+def test_clip_per_example_with_an_axis_name_clips_by_the_whole_example(per_layer, seed):
+    """Each example's leaves split over "data" (tensor parallelism): with axis_name the
+    per-example norms cover every shard, as the sensitivity bound needs. Without one,
+    each shard clipped by its own slice and an example's contribution reached
+    C * sqrt(shards). The rescue path (an entry near float32's max) is drawn too."""
+    rng = np.random.default_rng(seed)
+    grads = {"w": np.asarray(rng.normal(size=(5, 3, 16)) * 10, np.float32),
+             "b": np.asarray(rng.normal(size=(5, 8)), np.float32)}
+    if seed == 1:
+        grads["w"][2, 1, 7] = 3e38  # the example's norm overflows: the rescue path
+    grads = jax.tree.map(jnp.asarray, grads)
+    plain = oc.clip_per_example(1.0, reduce="sum", per_layer=per_layer)
+    want, want_state = plain.update(grads, plain.init(None))
+
+    tx = oc.clip_per_example(1.0, reduce="sum", per_layer=per_layer, axis_name="data")
+    specs = {"w": P(None, None, "data"), "b": P(None, "data")}
+
+    def step(g):
+        out, state = tx.update(g, tx.init(None))
+        return out, state.stats
+
+    out_specs = ({"w": P(None, "data"), "b": P("data")}, P())
+    got, stats = _shard_mapped(step, (specs,), out_specs)(grads)
+    for key in grads:
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]),
+                                   rtol=2e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(float(stats.norm_max), float(want_state.stats.norm_max),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="noise_multiplier > 0 with axis_name"):
+        oc.clip_per_example(1.0, noise_multiplier=1.0, axis_name="data")
