@@ -402,8 +402,10 @@ def _raw_stat_fields(node: Any, stat_fields: tuple[str, ...]) -> dict[str, Array
     """The extra stat fields a spec declares (zclip's EMAs ...), read from a dict."""
     values = {}
     for field in stat_fields:
-        value = node
+        value: Any = node
         for attribute in field.split("."):
+            if value is None:
+                break
             value = value.get(attribute) if _is_mapping(value) else getattr(value, attribute, None)
         if value is not None:
             values[field.rsplit(".", 1)[-1]] = _leaves(value)[0]

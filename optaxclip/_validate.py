@@ -77,11 +77,11 @@ def validate_ord(ord: Any, *, name: str = "ord") -> float:
     _refuse_traced(ord, name)
     ord = _as_python_number(ord)
     if not _is_number(ord):
-        text = ord.strip().lower() if isinstance(ord, str) else None
-        hint = {"inf": f" and {name}=math.inf (a float, as torch's float('inf')) for the "
-                       f"max norm",
-                "fro": f"; {name}=2 is the Frobenius norm of each leaf"}.get(
-                    "inf" if text in ("inf", "+inf", "infinity") else text, "")
+        text = ord.strip().lower() if isinstance(ord, str) else ""
+        hints = {"inf": f" and {name}=math.inf (a float, as torch's float('inf')) for the "
+                        f"max norm",
+                 "fro": f"; {name}=2 is the Frobenius norm of each leaf"}
+        hint = hints.get("inf" if text in ("inf", "+inf", "infinity") else text, "")
         raise ValueError(
             f"{name} must be a number: 1, 2, inf or any float p > 0; got {ord!r} "
             f"of type {type(ord).__name__}. Pass e.g. {name}=2 for the Euclidean norm"
