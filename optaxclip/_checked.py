@@ -67,7 +67,9 @@ def checked(
       (``MultiSteps`` and ``apply_if_finite`` run it inside a ``lax.cond``) has
       its update run under ``checkify.checkify`` instead, whose error is thrown
       there; its result can then differ from the unchecked update's in the
-      last bit, since the checks change how XLA fuses that computation;
+      last bit, since the checks change how XLA fuses that computation. With
+      jax 0.6 a check inside that conditional is dropped when called eagerly:
+      use the jitted, checkified form there;
     * under ``jit``, only inside a checkified function. Wrap the train step:
       ``step = chex.chexify(jax.jit(train_step))``; chex raises on a later call or
       at ``chex.block_until_chexify_assertions_complete()`` (with
