@@ -215,11 +215,7 @@ def _values(node: Any, per_leaf: bool) -> tuple[str, dict[str, Array]]:
     spec = _spec.spec_for_state(node)
     if spec is not None:
         values = _summaries(node.stats, spec.scope, per_leaf, _spec.is_stacked(spec))
-        for field in spec.stat_fields:
-            value = node
-            for attribute in field.split("."):
-                value = getattr(value, attribute)
-            values[field.rsplit(".", 1)[-1]] = _leaves(value)[0]
+        values.update(_stat_fields(node, spec.stat_fields))
         return spec.name, values
     name, fields = _REPORTS[type(node)]
     return name, {field: _leaves(getattr(node, field))[0] for field in fields}
@@ -302,7 +298,7 @@ def stats(opt_state: Any, *, per_leaf: bool = False) -> dict[str, Array]:
             if raw is None:
                 continue
             name, values = raw[0], _summaries(raw[1], raw[2], per_leaf)
-            values.update(_raw_stat_fields(node, raw[3]))
+            values.update(_stat_fields(node, raw[3]))
             raw_found = True
         labels = [_path_label(p) for p in path if not _is_wrapper_key(p)]
         if not _is_reported(node):  # a plain dict: so, most likely, is the whole state
@@ -398,8 +394,9 @@ def _raw_report(node: Any) -> Any:
     return matches[0](**node) if len(matches) == 1 else None
 
 
-def _raw_stat_fields(node: Any, stat_fields: tuple[str, ...]) -> dict[str, Array]:
-    """The extra stat fields a spec declares (zclip's EMAs ...), read from a dict."""
+def _stat_fields(node: Any, stat_fields: tuple[str, ...]) -> dict[str, Array]:
+    """The extra stat fields a spec declares (zclip's EMAs, ``history.num_recorded``),
+    read by attribute from a state, or by key from one that became a plain dict."""
     values = {}
     for field in stat_fields:
         value: Any = node
